@@ -1,0 +1,1 @@
+"""Encoder (timm), soft attention, LSTM decoder and the captioner that joins them."""

@@ -1,0 +1,117 @@
+"""Image encoder: any timm backbone's ``forward_features``, pooled to a grid of region features.
+
+Images enter as uint8 (or float in [0, 1]) RGB tensors; normalisation uses the mean and std of the
+backbone's pretrained config (``timm.data.resolve_model_data_config``), so every path that feeds the
+encoder (train, evaluate, caption, benchmark) preprocesses the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from capcli.errors import UserError
+
+
+def _create_backbone(name: str, pretrained: bool | str) -> nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0].split('_')[0]}*")[:8]
+        hint = f" Did you mean one of: {', '.join(close)}?" if close else ""
+        raise UserError(f"unknown encoder {name!r}: not a timm model name.{hint}")
+    kwargs: dict = {"num_classes": 0, "global_pool": ""}
+    if isinstance(pretrained, str) and pretrained not in ("true", "false"):
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise UserError(f"model.pretrained: weights file {path} does not exist; give a path to "
+                            "a .safetensors/.pth file, true (hub) or false")
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)},
+                                 **kwargs)
+    use_hub = pretrained is True or pretrained == "true"
+    try:
+        return timm.create_model(name, pretrained=use_hub, **kwargs)
+    except Exception as exc:  # network errors, missing hub weights
+        if use_hub:
+            raise UserError(f"could not load pretrained weights for {name!r} from the hub ({exc}); "
+                            "use model.pretrained=false or model.pretrained=PATH") from exc
+        raise
+
+
+class Encoder(nn.Module):
+    """timm backbone -> (B, grid*grid, C) region features.
+
+    Args:
+        name: timm model name (e.g. ``convnext_tiny``).
+        pretrained: ``True`` for hub weights, ``False`` for random init, or a path to a local file.
+        grid: side of the adaptive-average-pooled feature grid (7 like the paper: 49 regions).
+        finetune: train the backbone (``False`` freezes it and keeps it in eval mode).
+        finetune_stages: with ``finetune``, train only the last N stages (0 = all of them).
+        image_size: resize inputs to this size before the backbone (``None`` keeps the input size).
+    """
+
+    def __init__(self, name: str, pretrained: bool | str = False, grid: int = 7,
+                 finetune: bool = True, finetune_stages: int = 0, image_size: int | None = None):
+        super().__init__()
+        from timm.data import resolve_model_data_config
+
+        self.name = name
+        self.backbone = _create_backbone(name, pretrained)
+        data_cfg = resolve_model_data_config(self.backbone)
+        self.register_buffer("mean", torch.tensor(data_cfg["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(data_cfg["std"]).view(1, 3, 1, 1), persistent=False)
+        self.grid = grid
+        self.image_size = image_size
+        self.out_dim = int(self.backbone.num_features)
+        self.num_prefix_tokens = int(getattr(self.backbone, "num_prefix_tokens", 0))
+        self.finetune = finetune
+        self.set_trainable(finetune, finetune_stages)
+
+    def set_trainable(self, finetune: bool, stages: int = 0) -> None:
+        for p in self.backbone.parameters():
+            p.requires_grad = False
+        if not finetune:
+            return
+        blocks = getattr(self.backbone, "stages", None) or getattr(self.backbone, "blocks", None)
+        if stages <= 0 or blocks is None:
+            for p in self.backbone.parameters():
+                p.requires_grad = True
+            return
+        for block in list(blocks)[-stages:]:
+            for p in block.parameters():
+                p.requires_grad = True
+        for attr in ("norm_pre", "norm", "head"):  # final norms sit after the last stage
+            mod = getattr(self.backbone, attr, None)
+            if isinstance(mod, nn.Module):
+                for p in mod.parameters():
+                    p.requires_grad = True
+
+    def train(self, mode: bool = True) -> "Encoder":
+        super().train(mode)
+        if not self.finetune:
+            self.backbone.eval()  # frozen: no dropout/drop-path, no running-stat updates
+        return self
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 or [0, 1] float (B, 3, H, W) -> normalised float, resized if image_size is set."""
+        x = images.float()
+        if images.dtype == torch.uint8:
+            x = x / 255.0
+        if self.image_size and x.shape[-1] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                              align_corners=False, antialias=True)
+        return (x - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.normalize(images)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.finetune):
+            feats = self.backbone.forward_features(x)
+        if feats.dim() == 4:  # (B, C, H, W): convnets
+            if self.grid:
+                feats = F.adaptive_avg_pool2d(feats, self.grid)
+            return feats.flatten(2).transpose(1, 2)
+        # (B, N, C) token models (ViT and friends): drop class/register tokens
+        return feats[:, self.num_prefix_tokens:]
