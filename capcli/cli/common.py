@@ -1,0 +1,77 @@
+"""Options every command shares, device resolution, and the error boundary (exit 1, one line)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import traceback
+from typing import Annotated
+
+import typer
+
+from capcli.errors import UserError
+from capcli.report import err_console
+
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only results and errors.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")]
+
+
+def resolve_device(spec: str):
+    """'auto' -> cuda if available else cpu; validates 'cuda:N'."""
+    import torch
+
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise UserError(f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {spec}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type not in ("cpu", "mps"):
+        raise UserError(f"--device {spec!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def fail(message: str) -> None:
+    err_console.print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def command(fn):
+    """Turn user errors into a one-line message and exit 1 (full traceback with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = kwargs.get("debug", False)
+        logging.basicConfig(level=logging.WARNING)
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except UserError as exc:
+            if debug:
+                traceback.print_exc()
+            fail(str(exc))
+            raise typer.Exit(1)
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+            if debug:
+                traceback.print_exc()
+            fail(f"{exc.strerror or type(exc).__name__}: {exc.filename}")
+            raise typer.Exit(1)
+        except KeyboardInterrupt:
+            fail("interrupted")
+            raise typer.Exit(130)
+        except Exception as exc:  # a bug: say so in one line, the traceback is one flag away
+            if debug:
+                traceback.print_exc()
+            else:
+                fail(f"{type(exc).__name__}: {exc} (an internal error; rerun with --debug for the traceback)")
+            raise typer.Exit(1)
+
+    return wrapper

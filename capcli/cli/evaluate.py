@@ -1,0 +1,78 @@
+"""`capcli evaluate CHECKPOINT --data DIR` and `capcli evaluate --results captions.json --data DIR`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from capcli.cli.common import DebugOpt, DeviceOpt, QuietOpt, command, resolve_device
+from capcli.errors import UserError
+from capcli.report import console, make_progress, metrics_table, write_json
+
+
+@command
+def evaluate(
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint .pt or run dir (uses its best.pt).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset dir (default: the one the model trained on).")] = None,
+    split: Annotated[str, typer.Option("--split", help="Split to score.")] = "test",
+    beam: Annotated[int, typer.Option("--beam", min=1, max=50, help="Beam size (1 = greedy).")] = 3,
+    max_length: Annotated[int, typer.Option("--max-length", min=0, help="Longest caption in words (0 = dataset's).")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images decoded at once.")] = 32,
+    max_images: Annotated[int, typer.Option("--max-images", min=0, help="Score only the first N images (0 = all).")] = 0,
+    results: Annotated[Optional[Path], typer.Option("--results", help="Score this COCO results file instead of a model.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="eval.json path; captions.json goes beside it.")] = None,
+    meteor: Annotated[Optional[bool], typer.Option("--meteor/--no-meteor", help="METEOR needs Java; default: when available.")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="DataLoader workers.")] = 0,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+):
+    """Score a captioner with free-running beam search (no teacher forcing): BLEU-1..4, METEOR,
+    ROUGE-L, CIDEr-D, sacreBLEU, plus teacher-forced loss and top-5 accuracy.
+
+    Examples:
+      capcli evaluate runs/tiny --data data/synthetic --split test --beam 3
+      capcli evaluate runs/tiny/checkpoints/best.pt --beam 5 --output results/eval.json
+      capcli evaluate --results captions.json --data data/coco --split test
+    """
+    from capcli.data.dataset import CaptionDataset
+    from capcli.evaluate import autocast_dtype, evaluate_model, score_results
+
+    if results is not None:
+        if checkpoint is not None:
+            raise UserError("give either a CHECKPOINT or --results, not both")
+        if data is None:
+            raise UserError("--results needs --data DIR (the dataset whose references score it)")
+        dataset = CaptionDataset(data, split, max_images=max_images)
+        scores = score_results(results, dataset, meteor=meteor)
+        out = output or results.with_name("eval.json")
+        write_json(out, scores)
+        console.print(metrics_table(scores, f"{results} on {data} [{split}]"))
+        console.print(f"wrote {out}")
+        return
+    if checkpoint is None:
+        raise UserError("give a CHECKPOINT (file or run dir) or --results captions.json")
+    from capcli.models.captioner import captioner_from_checkpoint
+
+    dev = resolve_device(device)
+    model, vocab, cfg, ckpt = captioner_from_checkpoint(checkpoint, dev)
+    data = data or Path(ckpt.get("data", {}).get("dir", cfg.data.dir))
+    dataset = CaptionDataset(data, split, max_images=max_images)
+    with make_progress(quiet) as bar:
+        task = bar.add_task(f"beam {beam}", total=len(dataset), info=split)
+        scores = evaluate_model(model, dataset, dev, beam_size=beam, max_length=max_length,
+                                batch_size=batch_size, num_workers=workers, alpha_c=cfg.train.alpha_c,
+                                amp_dtype=autocast_dtype(cfg.train.amp, dev), meteor=meteor, vocab=vocab,
+                                progress=lambda done, n: bar.update(task, completed=done))
+    captions = scores.pop("captions")
+    scores.update({"checkpoint": str(checkpoint), "data": str(data), "split": split})
+    if output is None:
+        ckpt_path = Path(checkpoint)
+        run_dir = ckpt_path if ckpt_path.is_dir() else ckpt_path.parent.parent
+        output = (run_dir / f"eval-{split}" / "eval.json") if (run_dir / "config.yaml").is_file() else Path("eval.json")
+    write_json(output, scores)
+    write_json(output.with_name("captions.json"), captions)
+    console.print(metrics_table(scores, f"{checkpoint} on {data} [{split}], beam {beam}"))
+    console.print(f"wrote {output} and {output.with_name('captions.json')}")

@@ -1,0 +1,124 @@
+"""`capcli quickstart`: the built-in default, end to end: synthetic data -> train -> evaluate -> caption."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from capcli.cli.common import DebugOpt, DeviceOpt, QuietOpt, command, resolve_device
+from capcli.report import console, err_console, make_progress, metrics_table, table, write_json
+
+
+@command
+def quickstart(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for everything the quickstart writes.")] = Path("quickstart"),
+    images: Annotated[int, typer.Option("--images", "-n", min=30, help="Synthetic scenes to render.")] = 1000,
+    size: Annotated[int, typer.Option("--size", min=32, help="Image size, px.")] = 96,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Training epochs.")] = 5,
+    beam: Annotated[int, typer.Option("--beam", min=1, help="Beam size for evaluation and captions.")] = 3,
+    overrides: Annotated[Optional[List[str]], typer.Argument(help="Extra key=value overrides for the tiny config.", show_default=False)] = None,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+):
+    """Render synthetic scenes, train the tiny config, evaluate on the test split with beam search,
+    and caption a few test images: all in one folder, in a few minutes on a CPU.
+
+    Examples:
+      capcli quickstart
+      capcli quickstart --out /tmp/qs --images 500 --epochs 2 train.lr=1e-3
+    """
+    import random
+
+    from capcli.caption import caption_files
+    from capcli.config import load_config
+    from capcli.data.dataset import CaptionDataset
+    from capcli.data.prepare import write_dataset
+    from capcli.data.synthetic import records, render, save_png
+    from capcli.evaluate import evaluate_model, score_results
+    from capcli.models.captioner import captioner_from_checkpoint
+    from capcli.train import train as run_training
+
+    dev = resolve_device(device)
+    data_dir = out / "data"
+    step = lambda n, text: err_console.print(f"\n[bold cyan]{n}/4[/] {text}") if not quiet else None
+
+    step(1, f"prepare: {images} synthetic scenes at {size} px -> {data_dir}")
+    recs = records(images, 0)
+    if (data_dir / "manifest.json").is_file():
+        err_console.print(f"  {data_dir} exists, reusing it") if not quiet else None
+    else:
+        with make_progress(quiet) as bar:
+            tasks: dict = {}
+
+            def progress(split, done, total):
+                if split not in tasks:
+                    tasks[split] = bar.add_task(f"{split:>5}", total=total, info="")
+                bar.update(tasks[split], completed=done)
+
+            write_dataset(recs, data_dir, source="synthetic", image_size=size, loader=render,
+                          min_word_freq=1, max_length=20, progress=progress)
+
+    step(2, "train: configs/tiny.yaml (convnext_atto from scratch + attention LSTM)")
+    cfg = load_config("tiny", [f"data.dir={data_dir}", f"run.dir={out / 'runs'}", "run.name=tiny",
+                               "run.overwrite=true", f"train.epochs={epochs}", *(overrides or [])])
+
+    with make_progress(quiet) as bar:
+        state: dict = {}
+
+        def on_train(event, **info):
+            if event == "epoch_start":
+                state["t"] = bar.add_task(f"epoch {info['epoch'] + 1}/{info['epochs']}", total=info["steps"], info="")
+            elif event == "step":
+                bar.update(state["t"], completed=info["step"],
+                           info=f"loss {info['loss']:.3f} top5 {100 * info['top5']:.1f}% {info['samples_per_s']:.0f} samples/s")
+            elif event == "epoch_end" and "val_bleu4" in info["record"]:
+                r = info["record"]
+                bar.console.print(f"  epoch {r['epoch']}: val BLEU-4 {100 * r['val_bleu4']:.2f}, "
+                                  f"top5 {100 * r['val_top5']:.1f}%, e.g. \"{r['val_samples'][0]}\"", highlight=False)
+
+        summary = run_training(cfg, dev, progress=on_train)
+    run_dir = Path(summary["run_dir"])
+
+    step(3, f"evaluate: test split, beam {beam}, no teacher forcing")
+    model, vocab, mcfg, _ = captioner_from_checkpoint(run_dir / "checkpoints" / "best.pt", dev)
+    test = CaptionDataset(data_dir, "test")
+    scores = evaluate_model(model, test, dev, beam_size=beam, vocab=vocab)
+    captions = scores.pop("captions")
+    eval_dir = run_dir / "eval-test"
+    write_json(eval_dir / "eval.json", scores)
+    write_json(eval_dir / "captions.json", captions)
+    # the same captions shuffled across images: what a model that ignores the image would score
+    shuffled = [c["caption"] for c in captions]
+    random.Random(0).shuffle(shuffled)
+    shuffled_path = eval_dir / "captions_shuffled.json"
+    write_json(shuffled_path, [{"image_id": c["image_id"], "caption": s} for c, s in zip(captions, shuffled)])
+    base = score_results(shuffled_path, test, meteor=False)
+    scores["shuffled_bleu4"] = base["bleu4"]
+    write_json(eval_dir / "eval.json", scores)
+    if not quiet:
+        console.print(metrics_table(scores, f"test split ({scores['images']} images), beam {beam}"))
+        console.print(f"BLEU-4 {100 * scores['bleu4']:.2f} vs {100 * base['bleu4']:.2f} for the same captions "
+                      "shuffled across images")
+
+    step(4, "caption: a few test images as PNG files")
+    img_dir = out / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    test_recs = [r for r in recs if r.split == "test"][:6]
+    files = []
+    for r in test_recs:
+        path = img_dir / r.file_name
+        save_png(r.source, path, size)
+        files.append(path)
+    rows = caption_files(model, vocab, files, dev, image_size=size, beam_size=beam,
+                         attention_dir=out / "attention")
+    write_json(out / "captions.json", rows)
+    refs = {str(img_dir / r.file_name): r.captions[0] for r in test_recs}
+    console.print(table("Captions of test images", ["file", "caption", "a reference"],
+                        [(r["file"], r["caption"] or "", refs.get(r["file"], "")) for r in rows]))
+    console.print(f"\ndata:        {data_dir}\nrun:         {run_dir}  (checkpoints/, metrics.jsonl, config.yaml)\n"
+                  f"evaluation:  {eval_dir / 'eval.json'}, {eval_dir / 'captions.json'}\n"
+                  f"captions:    {out / 'captions.json'}\nattention:   {out / 'attention'}\n"
+                  f"next:        capcli caption {run_dir} {img_dir}")

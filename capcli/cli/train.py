@@ -1,0 +1,82 @@
+"""`capcli train CONFIG.yaml [key=value ...]` and `capcli train --resume runs/NAME`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from capcli.cli.common import DebugOpt, DeviceOpt, QuietOpt, command, resolve_device
+from capcli.errors import UserError
+from capcli.report import console, err_console, make_progress
+
+
+@command
+def train(
+    config: Annotated[Optional[str], typer.Argument(help="YAML config path, or a shipped one: tiny, convnext_small.")] = None,
+    overrides: Annotated[Optional[List[str]], typer.Argument(help="key=value overrides, e.g. train.lr=1e-4", show_default=False)] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue runs/NAME from checkpoints/last.pt.")] = None,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+):
+    """Train a captioner from a YAML config with key=value overrides.
+
+    Examples:
+      capcli train tiny data.dir=data/synthetic
+      capcli train convnext_small model.encoder=convnext_tiny train.lr=4e-4 train.teacher_forcing=false
+      capcli train --resume runs/tiny
+      torchrun --nproc_per_node 4 -m capcli train convnext_small     (one process per GPU)
+    """
+    from capcli.config import load_config
+    from capcli.train import train as run_training
+
+    overrides = list(overrides or [])
+    if config is not None and "=" in config:
+        overrides.insert(0, config)
+        config = None
+    if resume is None and config is None:
+        raise UserError("give a config (e.g. `capcli train tiny`) or --resume runs/NAME")
+    if resume is not None and (config is not None or overrides):
+        raise UserError("--resume continues a run with its saved config; drop the config and overrides")
+    cfg = load_config(config, overrides) if resume is None else None
+    dev = resolve_device(device)
+
+    with make_progress(quiet) as bar:
+        state: dict = {}
+
+        def progress(event: str, **info) -> None:
+            if event == "start":
+                state["epochs"] = info["epochs"]
+                if not quiet:
+                    err_console.print(f"run dir [bold]{info['run_dir']}[/] | device {info['device']}"
+                                      f" x{info['world']} | {info['train_images']} train / "
+                                      f"{info['val_images']} val images")
+            elif event == "epoch_start":
+                state["task"] = bar.add_task(f"epoch {info['epoch'] + 1}/{info['epochs']}",
+                                             total=info["steps"], info=f"tf {info['tf_ratio']:.2f}")
+            elif event == "step":
+                bar.update(state["task"], completed=info["step"],
+                           info=f"loss {info['loss']:.3f} top5 {100 * info['top5']:.1f}% "
+                                f"{info['samples_per_s']:.0f} samples/s")
+            elif event == "validate":
+                state["val"] = bar.add_task("  validate", total=info["images"], info="free-running decode")
+            elif event == "validate_step":
+                bar.update(state["val"], completed=info["done"])
+            elif event == "epoch_end":
+                r = info["record"]
+                if "val_bleu4" in r and not quiet:
+                    bar.console.print(
+                        f"epoch {r['epoch']}: train loss {r['train_loss']:.3f} | val loss {r['val_loss']:.3f} "
+                        f"top5 {100 * r['val_top5']:.1f}% BLEU-4 {100 * r['val_bleu4']:.2f} "
+                        f"CIDEr {r['val_cider']:.3f} | {r['samples_per_s']:.0f} samples/s | "
+                        f"e.g. \"{r['val_samples'][0] if r['val_samples'] else ''}\"", highlight=False)
+
+        summary = run_training(cfg, dev, resume=resume, progress=progress)
+
+    run_dir = Path(summary["run_dir"])
+    console.print(f"finished ({summary['stop_reason']}) after {summary['epochs_run']} epoch(s), "
+                  f"{summary['seconds']:.0f} s; best val BLEU-4 {100 * max(summary['best_bleu4'], 0):.2f} "
+                  f"at epoch {summary['best_epoch']}")
+    console.print(f"run dir: {run_dir}  (checkpoints/best.pt, checkpoints/last.pt, metrics.jsonl, config.yaml)")

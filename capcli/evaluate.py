@@ -1,0 +1,144 @@
+"""One evaluation path, used by `capcli evaluate` and by validation inside `train`: free-running
+beam search (no teacher forcing) for every reported caption score, plus teacher-forced loss and
+top-5 accuracy, scored against every raw reference caption of each image."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader
+
+from capcli.data.dataset import CaptionDataset, collate
+from capcli.decode import beam_search
+from capcli.errors import UserError
+from capcli.metrics import caption_scores, topk_correct
+from capcli.models.decoder import caption_loss
+
+ProgressFn = Callable[[int, int], None]
+
+
+def autocast_dtype(amp, device: torch.device) -> torch.dtype | None:
+    """Resolve ``train.amp`` for a device: None (full precision), torch.bfloat16 or torch.float16."""
+    if amp in ("off", False, None) or device.type != "cuda":
+        return None
+    if amp in ("auto", True):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+@torch.inference_mode()
+def generate(model, vocab, images: torch.Tensor, *, beam_size: int = 3, max_length: int = 50,
+             length_penalty: float = 0.0, return_alphas: bool = False, amp_dtype=None):
+    """Captions (strings) for a batch of uint8 images, with the decode result."""
+    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        feats = model.encode(images)
+    return decode_features(model, vocab, feats, beam_size=beam_size, max_length=max_length,
+                           length_penalty=length_penalty, return_alphas=return_alphas)
+
+
+def decode_features(model, vocab, feats: torch.Tensor, *, beam_size: int = 3, max_length: int = 50,
+                    length_penalty: float = 0.0, return_alphas: bool = False):
+    """Captions (strings) and the decode result for encoder features (B, P, E)."""
+    result = beam_search(model.decoder, feats.float(), start=vocab.start, end=vocab.end, pad=vocab.pad,
+                         beam_size=beam_size, max_length=max_length, length_penalty=length_penalty,
+                         return_alphas=return_alphas)
+    return [vocab.decode(t) for t in result.tokens], result
+
+
+@torch.inference_mode()
+def evaluate_model(model, dataset: CaptionDataset, device: torch.device, *, beam_size: int = 3,
+                   max_length: int = 0, batch_size: int = 32, num_workers: int = 0,
+                   alpha_c: float = 1.0, amp_dtype=None, meteor: bool | None = None,
+                   vocab=None, progress: ProgressFn | None = None) -> dict:
+    """Scores of ``model`` on ``dataset``; returns the metrics dict and ``captions`` (COCO results).
+
+    ``vocab`` is the model's vocabulary (default: the dataset's). Loss and top-5 need the dataset's
+    encoded captions in the model's vocabulary, so they are None when the two differ.
+    """
+    model.eval()
+    vocab = vocab or dataset.vocab
+    teacher_forced = vocab.itos == dataset.vocab.itos
+    max_length = max_length or dataset.max_length
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate, pin_memory=device.type == "cuda")
+    hyps: dict[int, str] = {}
+    loss_sum = correct = total = 0
+    n_steps = 0
+    decode_seconds = 0.0
+    done = 0
+    for batch in loader:
+        images = batch["images"].to(device, non_blocking=True)
+        captions = batch["captions"].to(device)
+        lengths = batch["lengths"].to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            feats = model.encode(images)
+        texts, _ = decode_features(model, vocab, feats, beam_size=beam_size, max_length=max_length)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        decode_seconds += time.perf_counter() - t0
+        for idx, text in zip(batch["index"].tolist(), texts):
+            hyps[idx] = text
+        done += len(texts)
+        if progress is not None:
+            progress(done, len(dataset))
+        if not teacher_forced:
+            continue
+        # teacher-forced loss and top-5 (what the seed reported), on the sampled captions
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits, alphas = model.decode_captions(feats, captions)
+        b, k, length = captions.shape
+        targets = captions.reshape(b * k, length)[:, 1:]
+        _, ce, mask = caption_loss(logits, targets, alphas, lengths.reshape(-1), alpha_c)
+        c, t = topk_correct(logits.float(), targets, mask, k=5)
+        correct += c
+        total += t
+        loss_sum += float(ce) * t
+        n_steps += t
+    references = dataset.references()
+    ids = dataset.image_ids()
+    refs = {str(i): references[i] for i in hyps}
+    scores = caption_scores(refs, {str(i): h for i, h in hyps.items()}, meteor=meteor)
+    scores.update({
+        "loss": loss_sum / n_steps if teacher_forced and n_steps else None,
+        "top5": correct / total if teacher_forced and total else None,
+        "images": len(hyps),
+        "beam_size": beam_size,
+        "captions_per_s": len(hyps) / max(decode_seconds, 1e-9),
+    })
+    scores["captions"] = [{"image_id": ids[i], "caption": hyps[i]} for i in sorted(hyps)]
+    return scores
+
+
+def score_results(results_path: str | Path, dataset: CaptionDataset, meteor: bool | None = None) -> dict:
+    """Score a COCO results file (a list of {image_id, caption}) against the dataset's references."""
+    path = Path(results_path)
+    if not path.is_file():
+        raise UserError(f"results file {path} not found")
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"results file {path} is not valid JSON: {exc}") from exc
+    if not isinstance(results, list) or not all(isinstance(r, dict) and "image_id" in r and "caption" in r
+                                                for r in results):
+        raise UserError(f"results file {path} must be a JSON list of {{\"image_id\": ..., \"caption\": ...}}")
+    ids = dataset.image_ids()
+    references = dataset.references()
+    by_id = {img_id: references[i] for i, img_id in enumerate(ids)}
+    hyps = {}
+    for r in results:
+        key = r["image_id"]
+        if key not in by_id:
+            raise UserError(f"image_id {key!r} in {path} is not in split {dataset.split!r} of {dataset.dir}")
+        hyps[str(key)] = str(r["caption"])
+    refs = {str(k): by_id[k] for k in (r["image_id"] for r in results)}
+    scores = caption_scores(refs, hyps, meteor=meteor)
+    scores.update({"loss": None, "top5": None, "images": len(hyps), "beam_size": None,
+                   "captions_per_s": None})
+    return scores

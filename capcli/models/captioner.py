@@ -1,0 +1,65 @@
+"""Encoder + decoder, built from the config and saved/loaded as state dicts (never pickled modules)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from capcli.config import Config, ModelConfig, config_from_dict
+from capcli.data.vocab import Vocab
+from capcli.models.decoder import Decoder
+from capcli.models.encoder import Encoder
+
+
+class Captioner(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, pretrained: bool | str | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg.encoder, cfg.pretrained if pretrained is None else pretrained,
+                               grid=cfg.grid, finetune=cfg.finetune,
+                               finetune_stages=cfg.finetune_stages, image_size=cfg.image_size)
+        self.decoder = Decoder(vocab_size, self.encoder.out_dim, cfg.emb_dim, cfg.att_dim,
+                               cfg.dec_dim, cfg.dropout)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images)
+
+    def forward(self, images: torch.Tensor, captions: torch.Tensor, tf_ratio: float = 1.0):
+        """images (B, 3, S, S) with captions (B, K, T+1): each image is encoded once, its features
+        shared by its K captions. Returns logits (B*K, T, V) and alphas (B*K, T, P)."""
+        feats = self.encode(images)
+        return self.decode_captions(feats, captions, tf_ratio)
+
+    def decode_captions(self, feats: torch.Tensor, captions: torch.Tensor, tf_ratio: float = 1.0):
+        b, k, length = captions.shape
+        proj = self.decoder.attention.project(feats)
+        feats = feats.repeat_interleave(k, dim=0)
+        proj = proj.repeat_interleave(k, dim=0)
+        return self.decoder(feats, captions.reshape(b * k, length), tf_ratio, enc_proj=proj)
+
+    def trainable_groups(self, lr: float, encoder_lr: float) -> list[dict]:
+        groups = [{"params": [p for p in self.decoder.parameters()], "lr": lr, "name": "decoder"}]
+        enc = [p for p in self.encoder.parameters() if p.requires_grad]
+        if enc:
+            groups.append({"params": enc, "lr": encoder_lr, "name": "encoder"})
+        return groups
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """A capcli checkpoint as a dict; ``weights_only=True``: no code runs on load."""
+    from capcli.checkpoint import load
+
+    return load(path, map_location)
+
+
+def captioner_from_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
+    """(model in eval mode, vocab, config, checkpoint dict) from a checkpoint file."""
+    ckpt = load_checkpoint(path)
+    cfg: Config = config_from_dict(ckpt["config"])
+    vocab = Vocab(ckpt["vocab"])
+    model = Captioner(cfg.model, len(vocab), pretrained=False)  # weights come from the state dict
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    return model, vocab, cfg, ckpt

@@ -1,0 +1,122 @@
+"""Beam search on a Markov 'decoder' whose optimum is found by enumeration."""
+
+import itertools
+import math
+from types import SimpleNamespace
+
+import torch
+
+from capcli.decode import beam_search, greedy
+
+PAD, START, END = 0, 1, 2
+WORDS = [4, 5, 6, 7]  # ids 3 (<unk>) never used
+
+
+class Markov:
+    """Next-token log-probs depend on (image, previous token) only: logp[image, prev]."""
+
+    def __init__(self, logp: torch.Tensor):
+        self.logp = logp  # (B, V, V)
+        self.vocab_size = logp.size(-1)
+        self.attention = SimpleNamespace(project=lambda f: f)
+
+    def init_state(self, feats):
+        img = torch.arange(feats.size(0), dtype=torch.float32)
+        return torch.stack([img, torch.full_like(img, START)], 1), torch.zeros(feats.size(0), 1)
+
+    def step(self, tokens, feats, proj, h, c):
+        h = torch.stack([h[:, 0], tokens.float()], 1)
+        return h, c, torch.full((tokens.size(0), feats.size(1)), 1.0 / feats.size(1))
+
+    def logits(self, h):
+        return self.logp[h[:, 0].long(), h[:, 1].long()]
+
+
+def random_tables(b, v, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, v, v, generator=g) * 2
+    logits[:, :, [PAD, START, 3]] = -1e9  # never produced
+    return torch.log_softmax(logits, -1)
+
+
+def best_by_enumeration(logp, max_len):
+    best, best_seq = -math.inf, None
+    for n in range(0, max_len + 1):
+        for seq in itertools.product(WORDS, repeat=n):
+            prev, score = START, 0.0
+            for w in seq:
+                score += logp[prev, w].item()
+                prev = w
+            if n < max_len:
+                score += logp[prev, END].item()  # a natural end; at the limit the cut costs nothing
+            if score > best:
+                best, best_seq = score, list(seq)
+    return best, best_seq
+
+
+def test_wide_beam_finds_the_optimum_and_greedy_is_myopic():
+    b, v, max_len = 6, 8, 3
+    logp = random_tables(b, v, seed=3)
+    feats = torch.zeros(b, 2, 1)
+    res = beam_search(Markov(logp), feats, start=START, end=END, pad=PAD, beam_size=100, max_length=max_len)
+    for i in range(b):
+        score, seq = best_by_enumeration(logp[i], max_len)
+        assert res.tokens[i] == seq
+        assert math.isclose(res.scores[i].item(), score, abs_tol=1e-4)
+    g = greedy(Markov(logp), feats, start=START, end=END, pad=PAD, max_length=max_len)
+    for i in range(b):  # greedy follows the argmax chain by hand
+        prev, seq = START, []
+        for _ in range(max_len):
+            nxt = int(logp[i, prev].argmax())
+            if nxt == END:
+                break
+            seq.append(nxt)
+            prev = nxt
+        assert g.tokens[i] == seq
+    assert any(res.scores[i] > g.scores[i] + 1e-6 for i in range(b))  # beam beats greedy somewhere
+
+
+def test_beam_that_never_ends_is_returned_at_the_limit():
+    v = 8
+    logp = torch.full((2, v, v), -1e9)
+    logp[:, :, 5] = 0.0  # always "5", never <end>
+    res = beam_search(Markov(logp), torch.zeros(2, 1, 1), start=START, end=END, pad=PAD,
+                      beam_size=3, max_length=4, return_alphas=True)
+    assert res.tokens == [[5, 5, 5, 5], [5, 5, 5, 5]]
+    assert res.alphas.shape[0] == 2 and res.alphas.shape[2] == 1
+
+
+def test_batch_results_equal_single_image_results():
+    logp = random_tables(5, 8, seed=11)
+    feats = torch.zeros(5, 2, 1)
+    batched = beam_search(Markov(logp), feats, start=START, end=END, pad=PAD, beam_size=3, max_length=5)
+    for i in range(5):
+        one = beam_search(Markov(logp[i:i + 1]), feats[:1], start=START, end=END, pad=PAD, beam_size=3, max_length=5)
+        assert one.tokens[0] == batched.tokens[i]
+
+
+def test_real_decoder_beam_one_equals_greedy_argmax_loop():
+    from capcli.models.decoder import Decoder
+
+    torch.manual_seed(0)
+    dec = Decoder(vocab_size=30, enc_dim=8, emb_dim=8, att_dim=8, dec_dim=8, dropout=0.0).eval()
+    feats = torch.randn(3, 4, 8)
+    res = greedy(dec, feats, start=START, end=END, pad=PAD, max_length=6)
+    proj = dec.attention.project(feats)
+    h, c = dec.init_state(feats)
+    tok = torch.full((3,), START)
+    outs = [[] for _ in range(3)]
+    done = [False] * 3
+    with torch.no_grad():
+        for _ in range(6):
+            h, c, _ = dec.step(tok, feats, proj, h, c)
+            logits = dec.logits(h)
+            logits[:, [PAD, START]] = -float("inf")  # never emitted by an open caption
+            tok = logits.argmax(-1)
+            for i in range(3):
+                if not done[i]:
+                    if tok[i] == END:
+                        done[i] = True
+                    else:
+                        outs[i].append(int(tok[i]))
+    assert res.tokens == outs
