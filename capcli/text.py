@@ -51,7 +51,9 @@ _SPLIT_WORDS = {"cannot": 3, "gonna": 3, "gotta": 3, "wanna": 3, "lemme": 3, "gi
 
 _CLITIC = re.compile(r"'(?:s|re|ve|ll|d|m)(?![^\W_])", re.IGNORECASE)
 _APOSTROPHE_TOKEN = re.compile(
-    r"'n'|'(?:n|em)(?![^\W_])|'t(?=(?:is|was)(?![^\W_]))|(?<![^\s])'\d+s?(?![^\W_])", re.IGNORECASE)
+    r"'n'|'(?:n|em)(?![^\W_])|'t(?=(?:is|was)(?![^\W_]))"   # rock 'n' roll, more 'n, 'em, 't is
+    r"|(?<![\w'])'\d\d(?:s(?![^\W_])|(?=\s|$))",                 # the '90s, '99
+    re.IGNORECASE)
 _ACRONYM = re.compile(r"(?:[^\W\d_]\.){2,}(?![^\W_])")
 _ENTITIES = {"&amp;": "&", "&lt;": "<", "&gt;": ">", "&quot;": '"', "&apos;": "'", "&#39;": "'"}
 _ENTITY = re.compile("|".join(map(re.escape, _ENTITIES)))
@@ -64,11 +66,6 @@ def _alnum(ch: str) -> bool:
     return ch.isalnum()
 
 
-def _numeric(token: str) -> bool:
-    """A number with separators so far ("1,000", "10:30", "3.5", ".5", "-5")."""
-    return any(c.isdigit() for c in token) and all(c.isdigit() or c in ".,:-" for c in token)
-
-
 def _next_visible(text: str, i: int) -> str:
     while i < len(text) and text[i].isspace():
         i += 1
@@ -78,6 +75,8 @@ def _next_visible(text: str, i: int) -> str:
 def _keeps_period(word: str, text: str, dot: int) -> bool:
     """Whether PTB keeps the period at ``text[dot]`` on ``word``."""
     low = word.lower()
+    if text[dot + 1:dot + 2] in (",", ";", ":"):
+        return True                                            # "field., " cannot end a sentence
     if len(word) == 1 and word.isalpha():                      # initials: "j. smith", "plan b."
         return True
     if low in _ABBREV:
@@ -91,25 +90,28 @@ def _word(text: str, i: int, out: list[str]) -> int:
     """Consume the word starting at ``text[i]`` (plus any clitic it carries); return the new index."""
     n = len(text)
     j = i + 1
+    number = text[i].isdigit() or text[i] in ".-"   # still a number so far
+    separated = text[i] in ".-"                      # a number with a sign or separator: "-5", "1,000"
     while True:
         while j < n and _alnum(text[j]):
-            if text[j].isalpha() and _numeric(text[i:j]) and not text[i:j].replace("-", "").isdigit():
-                break  # "10:30pm" -> "10:30" "pm", "1,000s" -> "1,000" "s"
+            if text[j].isalpha():
+                if number and separated:
+                    break                            # "10:30pm" -> "10:30" "pm", "1,000s" -> "1,000" "s"
+                number = False
             j += 1
         if j + 1 >= n or not _alnum(text[j + 1]):
             break
         sep, nxt = text[j], text[j + 1]
-        token = text[i:j]
+        digits = number and text[j - 1].isdigit() and nxt.isdigit()
         if sep in "-/":                                          # "black-and-white", "b/w", "3-4"
-            j += 1
-        elif sep == "." and (nxt.isalpha() or (_numeric(token) and token[-1].isdigit() and nxt.isdigit())):
-            j += 1                                               # "dog.the", "5.0.1" ("dog.5" splits)
-        elif sep in ":," and _numeric(token) and token[-1].isdigit() and nxt.isdigit():
-            j += 1                                               # "10:30", "1,000"
-        elif sep == "'" and (token.lower() in ("o", "d", "l", "ma")) and nxt.isalpha():
-            j += 1                                               # "o'clock", "o'neil", "d'ye", "ma'am"
-        else:
-            break
+            number = False
+        elif sep == "." and (nxt.isalpha() or digits):         # "dog.the", "5.0.1" ("dog.5" splits)
+            separated = True
+        elif sep in ":," and digits:                             # "10:30", "1,000"
+            separated = True
+        elif not (sep == "'" and text[i:j].lower() in ("o", "d", "l", "ma") and nxt.isalpha()):
+            break                                                # (else "o'clock", "d'ye", "ma'am")
+        j += 1
     token = text[i:j]
     if j < n and text[j] == "'":
         if token[-1:] in ("n", "N") and text[j + 1:j + 2] in ("t", "T") and not (
@@ -140,8 +142,27 @@ def _is_punct(token: str) -> bool:
     return all(c in _PUNCT_CHARS for c in token)
 
 
+# Plain captions ("A man riding a wave, on a board.") take a shortcut with the same result.
+_PLAIN = re.compile(r"[A-Za-z]+(?:,? +[A-Za-z]+)*")
+
+
+def _plain(text: str) -> list[str] | None:
+    """Tokens of ASCII words separated by spaces or ", " with an optional final period, else None."""
+    stripped = text.strip(" ")
+    body = stripped[:-1] if stripped.endswith(".") else stripped
+    if not _PLAIN.fullmatch(body):
+        return None
+    words = body.replace(",", " ").split()
+    if body is not stripped and _keeps_period(words[-1], stripped, len(stripped) - 1):
+        return None                                            # "plan b." keeps "b."
+    return [piece.lower() for word in words for piece in _split_word(word)]
+
+
 def tokenize(text: str) -> list[str]:
     """Lower-cased word tokens of ``text`` with punctuation removed, as COCO evaluation sees them."""
+    plain = _plain(text)
+    if plain is not None:
+        return plain
     text = _ENTITY.sub(lambda m: _ENTITIES[m.group()], text.translate(_QUOTES))
     text = _NON_BMP.sub("", text)
     out: list[str] = []
@@ -161,7 +182,7 @@ def tokenize(text: str) -> list[str]:
         elif (m := _ACRONYM.match(text, i)) is not None:
             out.append(m.group())                                # "u.s.", "a.m.", "e.g."
             i = m.end()
-        elif _alnum(ch) or (ch in ".-" and nxt.isdigit() and (ch == "." or i == 0 or text[i - 1].isspace())):
+        elif _alnum(ch) or (ch in ".-" and nxt.isdigit() and (ch == "." or i == 0 or not _alnum(text[i - 1]))):
             i = _word(text, i, out)                              # words, ".5", "-5"
         else:
             out.append(ch)                                       # a symbol or punctuation mark

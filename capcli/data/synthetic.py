@@ -283,9 +283,11 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     dx, dy = math.cos(theta), math.sin(theta)
     t = coords[None, :] * dx + coords[:, None] * dy
     t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
-    bg = c0.astype(np.float32) + (c1 - c0).astype(np.float32) * t[..., None]
-    blotch = Image.fromarray(grid, mode="F").resize((size, size), Image.BICUBIC)
-    bg += _TEXTURE_AMPLITUDE * np.asarray(blotch, dtype=np.float32)[..., None]
+    blotch = np.array(Image.fromarray(grid).resize((size, size), Image.BICUBIC), dtype=np.float32)
+    blotch *= np.float32(_TEXTURE_AMPLITUDE)
+    bg = (c1 - c0).astype(np.float32) * t[..., None]
+    bg += blotch[..., None]
+    bg += c0.astype(np.float32)
     return bg
 
 
@@ -315,7 +317,9 @@ def render(spec: dict, size: int, policy: str = "squash") -> np.ndarray:
     bg = _background(rng, size)  # consumes a fixed amount of randomness, whatever the size
     jitter = rng.uniform(-10, 10, (len(spec["shapes"]), 3))
     ss = _SUPERSAMPLE
-    layer = Image.new("RGBA", (size * ss, size * ss), (0, 0, 0, 0))
+    # Premultiplied RGBa on a transparent canvas: the box filter then gives colour x coverage,
+    # and the shapes (which never overlap) composite as bg * (1 - alpha) + colour x coverage.
+    layer = Image.new("RGBa", (size * ss, size * ss), (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
     for shape, jit in zip(spec["shapes"], jitter):
         fill = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLOURS[shape["colour"]], jit)) + (255,)
@@ -327,12 +331,13 @@ def render(spec: dict, size: int, policy: str = "squash") -> np.ndarray:
         else:
             draw.polygon(pts, fill=fill)
     if ss != 1:
-        layer = layer.resize((size, size), Image.BOX)  # RGBA resizes premultiplied: clean edges
+        layer = layer.resize((size, size), Image.BOX)
     fg = np.asarray(layer, dtype=np.float32)
-    alpha = fg[..., 3:] / 255.0
-    img = bg * (1.0 - alpha) + fg[..., :3] * alpha
-    img += rng.standard_normal((size, size, 3), dtype=np.float32) * _NOISE_SIGMA
-    out = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    img = bg
+    img *= 1.0 - fg[..., 3:] * np.float32(1 / 255)
+    img += fg[..., :3]
+    img += rng.standard_normal((size, size, 3), dtype=np.float32) * np.float32(_NOISE_SIGMA)
+    out = np.clip(img, 0, 255, out=img).round(out=img).astype(np.uint8)
     return np.ascontiguousarray(out.transpose(2, 0, 1))
 
 
