@@ -82,9 +82,11 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def _suggest(key: str, options: list[str]) -> str:
+def _suggest(key: str, options: list[str], prefix: str = "") -> str:
     close = difflib.get_close_matches(key, options, n=1)
-    return f" Did you mean {close[0]!r}?" if close else f" Known keys: {', '.join(options)}."
+    if close:
+        return f" Did you mean {prefix + close[0]!r}?"
+    return f" Known keys{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(options)}."
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
@@ -142,7 +144,7 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in names:
-            raise UserError(f"unknown config key {full!r}.{_suggest(key, names)}")
+            raise UserError(f"unknown config key {full!r}.{_suggest(key, names, prefix)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):

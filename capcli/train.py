@@ -173,7 +173,7 @@ def train(cfg: Config, device: torch.device, *, resume: str | Path | None = None
             "best_epoch": best_epoch,
             "rng": checkpoint.rng_state(),
             "capcli_version": capcli.__version__,
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),
         }, run_dir / "checkpoints" / name)
 
     t_start = time.perf_counter()

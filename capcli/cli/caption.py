@@ -40,12 +40,12 @@ def caption(
 
     if output is not None and output.suffix.lower() not in (".json", ".csv"):
         raise UserError(f"--output {output}: use a .json or .csv file name")
+    dev = resolve_device(device)
+    model, vocab, cfg, ckpt = captioner_from_checkpoint(checkpoint, dev)
     files = find_images(paths)
     if not files:
         raise UserError(f"no image files found in {' '.join(paths)}; give files, folders or globs "
                         "(jpg, png, bmp, gif, webp, tiff)")
-    dev = resolve_device(device)
-    model, vocab, cfg, ckpt = captioner_from_checkpoint(checkpoint, dev)
     data = ckpt.get("data", {})
     image_size = int(data.get("image_size", 256))
     with make_progress(quiet or len(files) < 2) as bar:

@@ -1,0 +1,156 @@
+"""Every command through the CLI on tiny data: exit codes, files and their contents, error messages."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import h5py
+import pytest
+import torch
+import yaml
+
+from capcli.data.synthetic import make_scenes, save_png
+from tests.conftest import TINY_OVERRIDES, invoke
+
+EVAL_KEYS = {"bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "sacrebleu", "loss", "top5",
+             "images", "beam_size", "captions_per_s"}
+
+
+def test_help_everywhere_has_an_example(runner):
+    for cmd in (["prepare", "synthetic"], ["train"], ["evaluate"], ["caption"], ["quickstart"]):
+        result = invoke(runner, [*cmd, "--help"])
+        assert "Example" in result.output, cmd
+
+
+def test_prepare_synthetic_writes_dataset_dir(tiny_data):
+    manifest = json.loads((tiny_data / "manifest.json").read_text())
+    assert manifest["source"] == "synthetic" and manifest["image_size"] == 32
+    assert sum(s["images"] for s in manifest["splits"].values()) == 60
+    vocab = json.loads((tiny_data / "vocab.json").read_text())
+    assert vocab[:4] == ["<pad>", "<start>", "<end>", "<unk>"] and "circle" in vocab
+    with h5py.File(tiny_data / "train.h5") as f:
+        n = manifest["splits"]["train"]["images"]
+        assert f["images"].shape == (n, 3, 32, 32) and f["images"].dtype.name == "uint8"
+        assert f["images"].chunks == (1, 3, 32, 32)
+        assert f["captions"].shape[0] == n * manifest["captions_per_image"]
+        assert f["reference_offsets"][-1] == len(f["references"])
+
+
+def test_prepare_same_seed_is_deterministic(runner, tmp_path):
+    for name in ("a", "b"):
+        invoke(runner, ["prepare", "synthetic", "--out", tmp_path / name, "--images", 12, "--size", 32, "-q"])
+    with h5py.File(tmp_path / "a" / "train.h5") as fa, h5py.File(tmp_path / "b" / "train.h5") as fb:
+        for key in ("images", "captions", "references"):
+            assert (fa[key][:] == fb[key][:]).all()
+
+
+def test_train_writes_run_dir(tiny_run):
+    cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    assert cfg["model"]["encoder"] == "convnext_atto" and cfg["train"]["epochs"] == 1
+    lines = [json.loads(x) for x in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 1
+    for key in ("train_loss", "train_top5", "val_loss", "val_top5", "val_bleu1", "val_bleu4", "val_cider",
+                "samples_per_s", "lr"):
+        assert key in lines[0], key
+    assert 0 <= lines[0]["val_bleu4"] <= 1 and 0 <= lines[0]["val_top5"] <= 1
+    for name in ("last.pt", "best.pt"):
+        ckpt = torch.load(tiny_run / "checkpoints" / name, weights_only=True)  # no pickled code
+        assert {"model", "optimizer", "config", "vocab", "epoch", "step", "best_score", "rng",
+                "capcli_version"} <= set(ckpt)
+        assert ckpt["vocab"][:4] == ["<pad>", "<start>", "<end>", "<unk>"]
+        assert ckpt["epoch"] == 1
+
+
+def test_train_numbers_a_taken_run_name(runner, tiny_data, tiny_run):
+    invoke(runner, ["train", "tiny", f"data.dir={tiny_data}", f"run.dir={tiny_run.parent}", "run.name=t",
+                    *TINY_OVERRIDES, "data.val_max_images=2", "--device", "cpu", "-q"])
+    assert (tiny_run.parent / "t-2" / "checkpoints" / "last.pt").is_file()
+
+
+def test_evaluate_writes_eval_and_coco_captions(runner, tiny_data, tiny_run, tmp_path):
+    out = tmp_path / "ev" / "eval.json"
+    invoke(runner, ["evaluate", tiny_run, "--data", tiny_data, "--split", "test", "--beam", 2,
+                    "--output", out, "--device", "cpu", "-q"])
+    scores = json.loads(out.read_text())
+    assert EVAL_KEYS <= set(scores)
+    n_test = json.loads((tiny_data / "manifest.json").read_text())["splits"]["test"]["images"]
+    assert scores["images"] == n_test and scores["beam_size"] == 2
+    for key in ("bleu1", "bleu4", "rouge_l", "top5"):
+        assert 0.0 <= scores[key] <= 1.0
+    captions = json.loads((out.parent / "captions.json").read_text())
+    assert len(captions) == n_test and {"image_id", "caption"} == set(captions[0])
+    # scoring the results file again without a model gives the same caption scores
+    out2 = tmp_path / "ev2" / "eval.json"
+    invoke(runner, ["evaluate", "--results", out.parent / "captions.json", "--data", tiny_data,
+                    "--split", "test", "--output", out2, "-q"])
+    rescored = json.loads(out2.read_text())
+    for key in ("bleu1", "bleu4", "cider", "rouge_l"):
+        assert rescored[key] == pytest.approx(scores[key])
+
+
+def test_caption_files_folders_globs_and_outputs(runner, tiny_run, tmp_path):
+    img_dir = tmp_path / "imgs"
+    (img_dir / "sub").mkdir(parents=True)
+    for i, (spec, _) in enumerate(make_scenes(3, seed=5)):
+        save_png(spec, (img_dir / "sub" if i == 2 else img_dir) / f"s{i}.png", 48)
+    (img_dir / "broken.jpg").write_bytes(b"not a jpeg")
+    out_csv = tmp_path / "caps.csv"
+    result = invoke(runner, ["caption", tiny_run, img_dir, "--output", out_csv, "--device", "cpu",
+                             "--attention-maps", tmp_path / "maps"])
+    rows = list(csv.DictReader(out_csv.open()))
+    assert len(rows) == 4  # three scenes (one in a subfolder) and the broken file
+    broken = [r for r in rows if r["file"].endswith("broken.jpg")][0]
+    assert broken["caption"] == "" and broken["error"]
+    assert all(r["caption"] for r in rows if r is not broken)
+    assert len(list((tmp_path / "maps").glob("*_attention.png"))) == 3
+    out_json = tmp_path / "caps.json"
+    invoke(runner, ["caption", tiny_run / "checkpoints" / "best.pt", str(img_dir / "s*.png"), "--beam", 1,
+                    "--output", out_json, "-q", "--device", "cpu"])
+    data = json.loads(out_json.read_text())
+    assert [Path(r["file"]).name for r in data] == ["s0.png", "s1.png"]
+    assert "s0.png" in result.output
+
+
+def test_benchmark_encoders_cli(runner, tmp_path):
+    out = tmp_path / "bench.json"
+    invoke(runner, ["benchmark", "encoders", "--encoders", "convnext_atto", "--image-size", 32,
+                    "--batch", 2, "--steps", 1, "--output", out, "--device", "cpu", "-q"])
+    rows = json.loads(out.read_text())["rows"]
+    assert {"encoder", "params_m", "gflops", "images_per_s", "train_samples_per_s", "peak_mem_mb"} <= set(rows[0])
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "tiny", "data.dir=/nonexistent/dir"], "/nonexistent/dir"),
+    (["train", "tiny", "train.lrr=1"], "Did you mean 'train.lr'"),
+    (["train", "tiny", "model.encoder=convnext_atomic", "data.dir={data}"], "unknown encoder"),
+    (["train", "/no/such/config.yaml"], "not found"),
+    (["train", "--resume", "/no/run"], "cannot resume"),
+    (["evaluate", "/no/ckpt.pt", "--data", "{data}"], "not found"),
+    (["evaluate", "{run}", "--data", "/no/data"], "does not exist"),
+    (["evaluate", "{run}", "--data", "{data}", "--split", "dev"], "no split 'dev'"),
+    (["caption", "{run}", "/no/images/*.png"], "no image files"),
+    (["caption", "/no/ckpt.pt", "{data}/../"], "not found"),
+    (["caption", "{run}", "{data}", "--output", "x.txt"], ".json or .csv"),
+    (["evaluate", "{data}/vocab.json", "--data", "{data}"], "not a readable capcli checkpoint"),
+    (["benchmark", "encoders", "--encoders", "convnext_nope", "--image-size", "32", "--steps", "1"], "unknown encoder"),
+])
+def test_user_errors_are_one_line_exit_1(runner, tiny_data, tiny_run, args, needle):
+    args = [a.format(data=tiny_data, run=tiny_run) for a in args]
+    result = invoke(runner, [*args, "--device", "cpu"], code=1)
+    assert needle in result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) <= 3, result.output  # one message (rich may wrap it)
+
+
+def test_quickstart_end_to_end(runner, tmp_path):
+    out = tmp_path / "qs"
+    invoke(runner, ["quickstart", "--out", out, "--images", 40, "--size", 32, "--epochs", 1, "--beam", 2,
+                    "--device", "cpu", "-q", *[o for o in TINY_OVERRIDES if not o.startswith("train.epochs")]])
+    scores = json.loads((out / "runs" / "tiny" / "eval-test" / "eval.json").read_text())
+    assert EVAL_KEYS <= set(scores) and "shuffled_bleu4" in scores
+    rows = json.loads((out / "captions.json").read_text())
+    assert len(rows) >= 1 and all(r["caption"] is not None for r in rows)
+    assert (out / "data" / "manifest.json").is_file()
+    assert (out / "runs" / "tiny" / "checkpoints" / "best.pt").is_file()
