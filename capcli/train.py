@@ -187,6 +187,7 @@ def train(cfg: Config, device: torch.device, *, resume: str | Path | None = None
     for epoch in range(start_epoch, cfg.train.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
+        generator.manual_seed(cfg.seed * 1000 + epoch)  # epoch e sees the same order, resumed or not
         ratio = tf_ratio(cfg, epoch)
         ddp_model.train()
         emit("epoch_start", epoch=epoch, epochs=cfg.train.epochs, steps=len(loader), tf_ratio=ratio)
