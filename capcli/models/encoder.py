@@ -29,11 +29,17 @@ def _create_backbone(name: str, pretrained: bool | str) -> nn.Module:
         if not path.is_file():
             raise UserError(f"model.pretrained: weights file {path} does not exist; give a path to "
                             "a .safetensors/.pth file, true (hub) or false")
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)},
-                                 **kwargs)
+        overlay = {"pretrained_cfg_overlay": {"file": str(path)}}
+        try:
+            return timm.create_model(name, pretrained=True, dynamic_img_size=True, **overlay, **kwargs)
+        except TypeError:
+            return timm.create_model(name, pretrained=True, **overlay, **kwargs)
     use_hub = pretrained is True or pretrained == "true"
     try:
-        return timm.create_model(name, pretrained=use_hub, **kwargs)
+        try:  # token models (ViT, ...) accept any image size only when asked to
+            return timm.create_model(name, pretrained=use_hub, dynamic_img_size=True, **kwargs)
+        except TypeError:
+            return timm.create_model(name, pretrained=use_hub, **kwargs)
     except Exception as exc:  # network errors, missing hub weights
         if use_hub:
             raise UserError(f"could not load pretrained weights for {name!r} from the hub ({exc}); "
