@@ -16,8 +16,17 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Grayscale, CMYK, palette and alpha images -> RGB (alpha composited over white)."""
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    """Grayscale, CMYK, palette and alpha images -> RGB (alpha composited over white).
+
+    16-bit grayscale (``I;16*``, or ``I`` holding values above 255) is scaled to 8 bits rather
+    than clipped, as Pillow's own ``convert`` would do.
+    """
+    if img.mode.startswith("I;16") or img.mode == "I":
+        arr = np.asarray(img).astype(np.float32)
+        if img.mode != "I" or (arr.size and float(arr.max()) > 255):
+            arr = arr / 257.0
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, img).convert("RGB")
