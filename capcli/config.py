@@ -36,6 +36,7 @@ class ModelConfig:
     finetune: bool = True  # false: frozen encoder
     finetune_stages: int = 0  # with finetune, train only the last N encoder stages (0 = all)
     grid: int = 7  # encoder features are pooled to grid x grid regions (7x7 = 49, as the paper)
+    feature_norm: bool = True  # LayerNorm over region features (raw ConvNeXt features are unnormalised)
     image_size: Any = None  # resize images to this size for the encoder (null = dataset size)
     emb_dim: int = 512  # word embedding size
     att_dim: int = 512  # attention MLP size

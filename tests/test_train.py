@@ -71,6 +71,8 @@ def test_frozen_encoder_does_not_change(tiny_data, tmp_path):
     ckpt = torch.load(tmp_path / "frozen" / "checkpoints" / "last.pt", weights_only=True)
     enc = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
     for key, value in before.items():
+        if key.startswith("feature_norm."):  # learns with the decoder
+            continue
         torch.testing.assert_close(enc[key], value, rtol=0, atol=0, msg=key)
     assert len(ckpt["optimizer"]["param_groups"]) == 1  # decoder only
 

@@ -225,3 +225,43 @@ def decode(
     if output is not None:
         write_json(output, {**result, "env": {**env, "load_avg_1m_end": bench.load_average()}})
         console.print(f"wrote {output}")
+
+
+@app.command("prepare")
+@command
+def prepare(
+    images: Annotated[list[str], typer.Argument(help="Image files, folders or globs (e.g. ../shared/data/coco-val500/val2017).")],
+    size: Annotated[int, typer.Option("--size", min=16, help="Side of the stored images, px.")] = 256,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Worker processes (default: every CPU).")] = None,
+    resize: Annotated[str, typer.Option("--resize", help="squash | crop")] = "squash",
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Alternate both paths this many times; keep each one's best.")] = 3,
+    limit: Annotated[int, typer.Option("--limit", min=0, help="Use only the first N files (0 = all).")] = 0,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the result to this JSON file.")] = None,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+):
+    """Prepare's images/s next to bare Pillow decode+resize of the same files on the same cores.
+
+    Examples:
+      capcli benchmark prepare ../shared/data/coco-val500/val2017 --size 256 --repeats 3
+      capcli benchmark prepare photos/ --workers 8 --resize crop --output prepare_bench.json
+    """
+    from capcli import bench
+    from capcli.bench_prepare import bench_prepare
+
+    if resize not in ("squash", "crop"):
+        raise UserError(f"--resize {resize!r}: use squash or crop")
+    with make_progress(quiet) as bar:
+        task = bar.add_task("prepare", total=None, info="")
+        result = bench_prepare(images, size, workers, resize_policy=resize, repeats=repeats, limit=limit,
+                               progress=lambda phase, done, total: bar.update(
+                                   task, description=phase, completed=done, total=total))
+    console.print(_pairs_table(
+        f"Prepare vs bare Pillow: {result['images']} images at {size}px, {result['workers']} workers", result, [
+            ("bare_images_per_s", "bare Pillow images/s", 1), ("prepare_images_per_s", "prepare images/s", 1),
+            ("ratio", "prepare / bare", 3), ("skipped", "skipped", 0),
+            ("parent_peak_rss_mb", "peak RSS, main process MB", 0), ("worker_peak_rss_mb", "peak RSS, a worker MB", 0)]))
+    if output is not None:
+        write_json(output, {**result, "env": bench.env_info(resolve_device("cpu"))})
+        console.print(f"wrote {output}")

@@ -16,7 +16,7 @@ def quickstart(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for everything the quickstart writes.")] = Path("quickstart"),
     images: Annotated[int, typer.Option("--images", "-n", min=30, help="Synthetic scenes to render.")] = 1000,
     size: Annotated[int, typer.Option("--size", min=32, help="Image size, px.")] = 96,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Training epochs.")] = 5,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Training epochs (default: the tiny config's).")] = None,
     beam: Annotated[int, typer.Option("--beam", min=1, help="Beam size for evaluation and captions.")] = 3,
     overrides: Annotated[Optional[List[str]], typer.Argument(help="Extra key=value overrides for the tiny config.", show_default=False)] = None,
     device: DeviceOpt = "auto",
@@ -63,7 +63,8 @@ def quickstart(
 
     step(2, "train: configs/tiny.yaml (convnext_atto from scratch + attention LSTM)")
     cfg = load_config("tiny", [f"data.dir={data_dir}", f"run.dir={out / 'runs'}", "run.name=tiny",
-                               "run.overwrite=true", f"train.epochs={epochs}", *(overrides or [])])
+                               "run.overwrite=true", *([f"train.epochs={epochs}"] if epochs else []),
+                               *(overrides or [])])
 
     with make_progress(quiet) as bar:
         state: dict = {}

@@ -19,7 +19,8 @@ class Captioner(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg.encoder, cfg.pretrained if pretrained is None else pretrained,
                                grid=cfg.grid, finetune=cfg.finetune,
-                               finetune_stages=cfg.finetune_stages, image_size=cfg.image_size)
+                               finetune_stages=cfg.finetune_stages, image_size=cfg.image_size,
+                               feature_norm=cfg.feature_norm)
         self.decoder = Decoder(vocab_size, self.encoder.out_dim, cfg.emb_dim, cfg.att_dim,
                                cfg.dec_dim, cfg.dropout)
 
@@ -40,8 +41,10 @@ class Captioner(nn.Module):
         return self.decoder(feats, captions.reshape(b * k, length), tf_ratio, enc_proj=proj)
 
     def trainable_groups(self, lr: float, encoder_lr: float) -> list[dict]:
-        groups = [{"params": [p for p in self.decoder.parameters()], "lr": lr, "name": "decoder"}]
-        enc = [p for p in self.encoder.parameters() if p.requires_grad]
+        # the feature norm sits between the two and learns with the decoder, even when frozen
+        head = list(self.decoder.parameters()) + list(self.encoder.feature_norm.parameters())
+        groups = [{"params": head, "lr": lr, "name": "decoder"}]
+        enc = [p for p in self.encoder.backbone.parameters() if p.requires_grad]
         if enc:
             groups.append({"params": enc, "lr": encoder_lr, "name": "encoder"})
         return groups

@@ -57,10 +57,13 @@ class Encoder(nn.Module):
         finetune: train the backbone (``False`` freezes it and keeps it in eval mode).
         finetune_stages: with ``finetune``, train only the last N stages (0 = all of them).
         image_size: resize inputs to this size before the backbone (``None`` keeps the input size).
+        feature_norm: a learnable LayerNorm over the region features (ConvNeXt's ``forward_features``
+            ends before its final norm, so raw features drift in scale while the encoder trains).
     """
 
     def __init__(self, name: str, pretrained: bool | str = False, grid: int = 7,
-                 finetune: bool = True, finetune_stages: int = 0, image_size: int | None = None):
+                 finetune: bool = True, finetune_stages: int = 0, image_size: int | None = None,
+                 feature_norm: bool = True):
         super().__init__()
         from timm.data import resolve_model_data_config
 
@@ -72,6 +75,7 @@ class Encoder(nn.Module):
         self.grid = grid
         self.image_size = image_size
         self.out_dim = int(self.backbone.num_features)
+        self.feature_norm = nn.LayerNorm(self.out_dim) if feature_norm else nn.Identity()
         self.num_prefix_tokens = int(getattr(self.backbone, "num_prefix_tokens", 0))
         self.finetune = finetune
         self.set_trainable(finetune, finetune_stages)
@@ -118,6 +122,6 @@ class Encoder(nn.Module):
         if feats.dim() == 4:  # (B, C, H, W): convnets
             if self.grid:
                 feats = F.adaptive_avg_pool2d(feats, self.grid)
-            return feats.flatten(2).transpose(1, 2)
+            return self.feature_norm(feats.flatten(2).transpose(1, 2))
         # (B, N, C) token models (ViT and friends): drop class/register tokens
-        return feats[:, self.num_prefix_tokens:]
+        return self.feature_norm(feats[:, self.num_prefix_tokens:])
