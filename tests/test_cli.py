@@ -154,3 +154,29 @@ def test_quickstart_end_to_end(runner, tmp_path):
     assert len(rows) >= 1 and all(r["caption"] is not None for r in rows)
     assert (out / "data" / "manifest.json").is_file()
     assert (out / "runs" / "tiny" / "checkpoints" / "best.pt").is_file()
+
+
+def test_benchmark_study_runs_every_combination_and_resumes(runner, tiny_data, tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({
+        "config": "tiny",
+        "overrides": [f"data.dir={tiny_data}", f"run.dir={tmp_path / 'runs'}", *TINY_OVERRIDES,
+                      "data.val_max_images=2"],
+        "grid": {"train.lr": [1e-3], "train.teacher_forcing": [True, False]},
+        "evaluate": {"split": "test", "beam": 2},
+        "name": "s",
+    }))
+    out = tmp_path / "study.json"
+    invoke(runner, ["benchmark", "study", grid, "--output", out, "--device", "cpu", "-q"])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["train.teacher_forcing"], r["reused"]) for r in rows] == [("true", False), ("false", False)]
+    for r in rows:
+        assert 0 <= r["bleu4"] <= 1 and 0 <= r["top5"] <= 1
+        assert (Path(r["run_dir"]) / "eval-test" / "captions.json").is_file()
+        cfg = yaml.safe_load((Path(r["run_dir"]) / "config.yaml").read_text())
+        assert str(cfg["train"]["teacher_forcing"]).lower() == r["train.teacher_forcing"]
+    invoke(runner, ["benchmark", "study", grid, "--output", out, "--device", "cpu", "-q"])
+    again = json.loads(out.read_text())["rows"]
+    assert all(r["reused"] for r in again) and [r["bleu4"] for r in again] == [r["bleu4"] for r in rows]
+    result = invoke(runner, ["benchmark", "study", grid, "--dry-run"])
+    assert "lr0.001-tftrue" in result.output

@@ -265,3 +265,63 @@ def prepare(
     if output is not None:
         write_json(output, {**result, "env": bench.env_info(resolve_device("cpu"))})
         console.print(f"wrote {output}")
+
+
+@app.command("study")
+@command
+def study(
+    grid: Annotated[str, typer.Argument(help="Grid YAML path, or a shipped grid: paper, tiny.")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value applied to every run, e.g. data.dir=data/coco", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="JSON file for the rows (default: the study's run folder).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the combinations and stop.")] = False,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+):
+    """The paper's grid: train and score every combination (encoders x learning rates x teacher
+    forcing), then one table of BLEU-1..4, CIDEr-D and top-5 side by side.
+
+    Every reported score decodes without teacher forcing (beam search on the grid's split). A
+    stopped study continues where it stopped: finished combinations are read back, not retrained.
+
+    Examples:
+      capcli benchmark study tiny data.dir=data/synthetic
+      capcli benchmark study paper data.dir=data/coco --dry-run
+      capcli benchmark study my_grid.yaml train.epochs=5 --output study.json
+    """
+    from capcli.study import combinations, load_grid, run_study
+
+    spec = load_grid(grid)
+    combos = combinations(spec, overrides)
+    keys = list(spec["grid"])
+    if dry_run:
+        console.print(table(f"{len(combos)} runs of {spec['name']} (base config {spec['config']})",
+                            ["run", *keys], [(name, *(x.split("=", 1)[1] for x in o[-len(keys):])) for name, o in combos]))
+        return
+    dev = resolve_device(device)
+    with make_progress(quiet) as bar:
+        state: dict = {}
+
+        def progress(event: str, **info) -> None:
+            if event == "run_start":
+                state["run"] = f"[{info['index'] + 1}/{info['total']}] {info['name']}"
+            elif event == "epoch_start":
+                state["task"] = bar.add_task(f"{state.get('run', '')} epoch {info['epoch'] + 1}/{info['epochs']}",
+                                             total=info["steps"], info="")
+            elif event == "step":
+                bar.update(state["task"], completed=info["step"], info=f"loss {info['loss']:.3f}")
+            elif event == "run_end" and not quiet:
+                r = info["row"]
+                bar.console.print(f"{state['run']}: BLEU-4 {100 * r['bleu4']:.2f} top-5 "
+                                  f"{100 * (r['top5'] or 0):.1f}%{' (reused)' if r['reused'] else ''}")
+
+        rows = run_study(spec, dev, extra=overrides, progress=progress)
+    console.print(table(f"Study {spec['name']}: {spec['evaluate'].get('split', 'test')} split, beam "
+                        f"{spec['evaluate'].get('beam', 3)}, no teacher forcing",
+                        [*keys, "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D", "top-5"],
+                        [(*(str(r[k]) for k in keys), *(f"{100 * r[m]:.2f}" for m in ("bleu1", "bleu2", "bleu3", "bleu4")),
+                          f"{r['cider']:.3f}", f"{100 * r['top5']:.1f}" if r["top5"] is not None else "-")
+                         for r in rows]))
+    out = output or Path(rows[0]["run_dir"]).parent / "study.json"
+    write_json(out, {"grid": spec, "rows": rows})
+    console.print(f"wrote {out}")
