@@ -59,6 +59,7 @@ class TrainConfig:
     tf_end: float = 0.0  # ... and at the last epoch
     amp: Any = "auto"  # mixed precision: auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16
     patience: int = 0  # early stopping: epochs without a better val BLEU-4 (0 = never stop early)
+    cache_features: bool = True  # frozen encoder: encode each image once into DATA/features/, train on the cache
     val_beam: int = 1  # beam size of the free-running validation decode (1 = greedy)
     max_length: int = 0  # longest decoded caption (0 = the dataset's max length)
     log_every: int = 10  # steps between progress updates

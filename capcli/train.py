@@ -25,6 +25,7 @@ import capcli
 from capcli import checkpoint
 from capcli.config import Config, config_from_dict, save_config
 from capcli.data.dataset import CaptionDataset, collate
+from capcli.data.features import CachedFeatureDataset, build_cache, cache_path, collate_cached
 from capcli.errors import UserError
 from capcli.evaluate import autocast_dtype, evaluate_model
 from capcli.metrics import topk_correct
@@ -142,10 +143,23 @@ def train(cfg: Config, device: torch.device, *, resume: str | Path | None = None
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    sampler = DistributedSampler(train_set, d.world, d.rank, shuffle=True, seed=cfg.seed) if d.world > 1 else None
+    # a frozen encoder gives the same features every epoch: compute them once (rank 0), reuse them
+    cached = not cfg.model.finetune and cfg.train.cache_features
+    train_data, collate_fn = train_set, collate
+    if cached:
+        if d.main:
+            emit("cache", split=cfg.data.train_split, images=len(train_set))
+            build_cache(model.encoder, train_set, device, batch_size=max(images_per_batch, 32),
+                        amp_dtype=autocast_dtype(cfg.train.amp, device),
+                        progress=lambda done, n: emit("cache_step", done=done, total=n))
+        if d.world > 1:
+            dist.barrier()
+        train_data = CachedFeatureDataset(train_set, cache_path(train_set, model.encoder))
+        collate_fn = collate_cached
+    sampler = DistributedSampler(train_data, d.world, d.rank, shuffle=True, seed=cfg.seed) if d.world > 1 else None
     generator = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(train_set, batch_size=images_per_batch, shuffle=sampler is None, sampler=sampler,
-                        num_workers=cfg.data.num_workers, collate_fn=collate, drop_last=False,
+    loader = DataLoader(train_data, batch_size=images_per_batch, shuffle=sampler is None, sampler=sampler,
+                        num_workers=cfg.data.num_workers, collate_fn=collate_fn, drop_last=False,
                         pin_memory=device.type == "cuda", generator=generator,
                         persistent_workers=cfg.data.num_workers > 0)
 
@@ -196,14 +210,16 @@ def train(cfg: Config, device: torch.device, *, resume: str | Path | None = None
         t_epoch = time.perf_counter()
         out_of_time = False
         for i, batch in enumerate(loader):
-            images = batch["images"].to(device, non_blocking=True)
             captions = batch["captions"].to(device, non_blocking=True)
             lengths = batch["lengths"].to(device, non_blocking=True)
             # trim padding beyond the longest caption of the batch
             longest = int(lengths.max())
             captions = captions[:, :, :longest]
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits, alphas = ddp_model(images, captions, ratio)
+                if cached:
+                    logits, alphas = ddp_model(None, captions, ratio, regions=batch["regions"].to(device))
+                else:
+                    logits, alphas = ddp_model(batch["images"].to(device, non_blocking=True), captions, ratio)
             b, kk, length = captions.shape
             targets = captions.reshape(b * kk, length)[:, 1:]
             loss, ce, mask = caption_loss(logits, targets, alphas, lengths.reshape(-1), cfg.train.alpha_c)

@@ -84,3 +84,24 @@ def test_free_running_and_scheduled_training_run(tiny_data, tmp_path, mode):
     record = summary["history"][0]
     assert record["tf_ratio"] == (0.0 if mode == "false" else 1.0)
     assert record["train_loss"] > 0
+
+
+def test_frozen_encoder_feature_cache(tiny_data, tmp_path):
+    from capcli.data.dataset import CaptionDataset
+    from capcli.models.captioner import captioner_from_checkpoint
+
+    cached = train(cfg_for(tiny_data, tmp_path, "run.name=cached", "model.finetune=false"), CPU)
+    plain = train(cfg_for(tiny_data, tmp_path, "run.name=plain", "model.finetune=false",
+                          "train.cache_features=false"), CPU)
+    model, *_ = captioner_from_checkpoint(tmp_path / "cached" / "checkpoints" / "last.pt")
+    files = list((tiny_data / "features").glob("convnext_atto-*/train.h5"))
+    assert len(files) == 1
+    import h5py
+
+    ds = CaptionDataset(tiny_data, "train")
+    with h5py.File(files[0]) as f, torch.no_grad():
+        regions = torch.from_numpy(f["regions"][:4]).float()
+        direct = model.encoder.regions(torch.stack([ds[i]["image"] for i in range(4)]))
+    torch.testing.assert_close(regions, direct, rtol=2e-3, atol=2e-3)  # float16 on disk
+    # the same training, up to float16 rounding of the features
+    assert cached["history"][0]["train_loss"] == pytest.approx(plain["history"][0]["train_loss"], rel=1e-2)

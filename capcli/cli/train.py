@@ -53,6 +53,10 @@ def train(
                     err_console.print(f"run dir [bold]{info['run_dir']}[/] | device {info['device']}"
                                       f" x{info['world']} | {info['train_images']} train / "
                                       f"{info['val_images']} val images")
+            elif event == "cache":
+                state["cache"] = bar.add_task("cache features", total=info["images"], info="frozen encoder, once")
+            elif event == "cache_step":
+                bar.update(state["cache"], completed=info["done"])
             elif event == "epoch_start":
                 state["task"] = bar.add_task(f"epoch {info['epoch'] + 1}/{info['epochs']}",
                                              total=info["steps"], info=f"tf {info['tf_ratio']:.2f}")

@@ -72,15 +72,20 @@ class CaptionDataset(Dataset):
     def __len__(self) -> int:
         return self.num_images
 
-    def __getitem__(self, i: int) -> dict:
+    def caption_item(self, i: int) -> dict:
+        """Image i's sampled captions (K, L+2), their lengths (K,) and its index, without pixels."""
         f = self.h5
         k = self.captions_per_image
         return {
-            "image": torch.from_numpy(f["images"][i]),
             "captions": torch.from_numpy(f["captions"][i * k:(i + 1) * k].astype(np.int64)),
             "lengths": torch.from_numpy(f["caption_lengths"][i * k:(i + 1) * k].astype(np.int64)),
             "index": i,
         }
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.caption_item(i)
+        item["image"] = torch.from_numpy(self.h5["images"][i])
+        return item
 
     def references(self) -> list[list[str]]:
         """Every raw reference caption of each image (not just the sampled ones)."""

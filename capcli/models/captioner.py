@@ -27,10 +27,17 @@ class Captioner(nn.Module):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder(images)
 
-    def forward(self, images: torch.Tensor, captions: torch.Tensor, tf_ratio: float = 1.0):
+    def forward(self, images: torch.Tensor | None, captions: torch.Tensor, tf_ratio: float = 1.0,
+                regions: torch.Tensor | None = None):
         """images (B, 3, S, S) with captions (B, K, T+1): each image is encoded once, its features
-        shared by its K captions. Returns logits (B*K, T, V) and alphas (B*K, T, P)."""
-        feats = self.encode(images)
+        shared by its K captions. Returns logits (B*K, T, V) and alphas (B*K, T, P).
+
+        ``regions`` (B, P, C): cached backbone features of a frozen encoder, used instead of images.
+        """
+        if regions is not None:
+            feats = self.encoder.feature_norm(regions.float())
+        else:
+            feats = self.encode(images)
         return self.decode_captions(feats, captions, tf_ratio)
 
     def decode_captions(self, feats: torch.Tensor, captions: torch.Tensor, tf_ratio: float = 1.0):

@@ -115,13 +115,18 @@ class Encoder(nn.Module):
                               align_corners=False, antialias=True)
         return (x - self.mean) / self.std
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def regions(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's pooled region features (B, P, C), before the feature norm: what a
+        frozen encoder's feature cache stores."""
         x = self.normalize(images)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.finetune):
             feats = self.backbone.forward_features(x)
         if feats.dim() == 4:  # (B, C, H, W): convnets
             if self.grid:
                 feats = F.adaptive_avg_pool2d(feats, self.grid)
-            return self.feature_norm(feats.flatten(2).transpose(1, 2))
+            return feats.flatten(2).transpose(1, 2)
         # (B, N, C) token models (ViT and friends): drop class/register tokens
-        return self.feature_norm(feats[:, self.num_prefix_tokens:])
+        return feats[:, self.num_prefix_tokens:]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.feature_norm(self.regions(images))
