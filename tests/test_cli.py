@@ -19,7 +19,9 @@ EVAL_KEYS = {"bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "
 
 
 def test_help_everywhere_has_an_example(runner):
-    for cmd in (["prepare", "synthetic"], ["train"], ["evaluate"], ["caption"], ["quickstart"]):
+    for cmd in (["prepare", "synthetic"], ["prepare", "coco"], ["prepare", "karpathy"], ["prepare", "folder"],
+                ["train"], ["evaluate"], ["caption"], ["quickstart"], ["benchmark", "encoders"],
+                ["benchmark", "train"], ["benchmark", "decode"], ["benchmark", "prepare"], ["benchmark", "study"]):
         result = invoke(runner, [*cmd, "--help"])
         assert "Example" in result.output, cmd
 
