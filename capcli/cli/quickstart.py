@@ -39,6 +39,7 @@ def quickstart(
     from capcli.data.synthetic import records, render, save_png
     from capcli.evaluate import evaluate_model, score_results
     from capcli.models.captioner import captioner_from_checkpoint
+    from capcli.cli.train import training_progress
     from capcli.train import train as run_training
 
     dev = resolve_device(device)
@@ -67,20 +68,7 @@ def quickstart(
                                *(overrides or [])])
 
     with make_progress(quiet) as bar:
-        state: dict = {}
-
-        def on_train(event, **info):
-            if event == "epoch_start":
-                state["t"] = bar.add_task(f"epoch {info['epoch'] + 1}/{info['epochs']}", total=info["steps"], info="")
-            elif event == "step":
-                bar.update(state["t"], completed=info["step"],
-                           info=f"loss {info['loss']:.3f} top5 {100 * info['top5']:.1f}% {info['samples_per_s']:.0f} samples/s")
-            elif event == "epoch_end" and "val_bleu4" in info["record"]:
-                r = info["record"]
-                bar.console.print(f"  epoch {r['epoch']}: val BLEU-4 {100 * r['val_bleu4']:.2f}, "
-                                  f"top5 {100 * r['val_top5']:.1f}%, e.g. \"{r['val_samples'][0]}\"", highlight=False)
-
-        summary = run_training(cfg, dev, progress=on_train)
+        summary = run_training(cfg, dev, progress=training_progress(bar, quiet))
     run_dir = Path(summary["run_dir"])
 
     step(3, f"evaluate: test split, beam {beam}, no teacher forcing")

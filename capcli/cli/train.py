@@ -9,7 +9,7 @@ import typer
 
 from capcli.cli.common import DebugOpt, DeviceOpt, QuietOpt, command, resolve_device
 from capcli.errors import UserError
-from capcli.report import console, err_console, make_progress
+from capcli.report import console, make_progress
 
 
 @command
@@ -44,43 +44,47 @@ def train(
     dev = resolve_device(device)
 
     with make_progress(quiet) as bar:
-        state: dict = {}
-
-        def progress(event: str, **info) -> None:
-            if event == "start":
-                state["epochs"] = info["epochs"]
-                if not quiet:
-                    err_console.print(f"run dir [bold]{info['run_dir']}[/] | device {info['device']}"
-                                      f" x{info['world']} | {info['train_images']} train / "
-                                      f"{info['val_images']} val images")
-            elif event == "cache":
-                state["cache"] = bar.add_task("cache features", total=info["images"], info="frozen encoder, once")
-            elif event == "cache_step":
-                bar.update(state["cache"], completed=info["done"])
-            elif event == "epoch_start":
-                state["task"] = bar.add_task(f"epoch {info['epoch'] + 1}/{info['epochs']}",
-                                             total=info["steps"], info=f"tf {info['tf_ratio']:.2f}")
-            elif event == "step":
-                bar.update(state["task"], completed=info["step"],
-                           info=f"loss {info['loss']:.3f} top5 {100 * info['top5']:.1f}% "
-                                f"{info['samples_per_s']:.0f} samples/s")
-            elif event == "validate":
-                state["val"] = bar.add_task("  validate", total=info["images"], info="free-running decode")
-            elif event == "validate_step":
-                bar.update(state["val"], completed=info["done"])
-            elif event == "epoch_end":
-                r = info["record"]
-                if "val_bleu4" in r and not quiet:
-                    bar.console.print(
-                        f"epoch {r['epoch']}: train loss {r['train_loss']:.3f} | val loss {r['val_loss']:.3f} "
-                        f"top5 {100 * r['val_top5']:.1f}% BLEU-4 {100 * r['val_bleu4']:.2f} "
-                        f"CIDEr {r['val_cider']:.3f} | {r['samples_per_s']:.0f} samples/s | "
-                        f"e.g. \"{r['val_samples'][0] if r['val_samples'] else ''}\"", highlight=False)
-
-        summary = run_training(cfg, dev, resume=resume, progress=progress)
+        summary = run_training(cfg, dev, resume=resume, progress=training_progress(bar, quiet))
 
     run_dir = Path(summary["run_dir"])
     console.print(f"finished ({summary['stop_reason']}) after {summary['epochs_run']} epoch(s), "
                   f"{summary['seconds']:.0f} s; best val BLEU-4 {100 * max(summary['best_bleu4'], 0):.2f} "
                   f"at epoch {summary['best_epoch']}")
     console.print(f"run dir: {run_dir}  (checkpoints/best.pt, checkpoints/last.pt, metrics.jsonl, config.yaml)")
+
+
+def training_progress(bar, quiet: bool = False, prefix: str = ""):
+    """The train loop's progress events -> rich bars and one line per validated epoch."""
+    state: dict = {}
+
+    def progress(event: str, **info) -> None:
+        if event == "start":
+            if not quiet:
+                bar.console.print(f"{prefix}run dir [bold]{info['run_dir']}[/] | device {info['device']}"
+                                  f" x{info['world']} | {info['train_images']} train / "
+                                  f"{info['val_images']} val images")
+        elif event == "cache":
+            state["cache"] = bar.add_task(f"{prefix}cache features", total=info["images"], info="frozen encoder, once")
+        elif event == "cache_step":
+            bar.update(state["cache"], completed=info["done"])
+        elif event == "epoch_start":
+            state["task"] = bar.add_task(f"{prefix}epoch {info['epoch'] + 1}/{info['epochs']}",
+                                         total=info["steps"], info=f"tf {info['tf_ratio']:.2f}")
+        elif event == "step":
+            bar.update(state["task"], completed=info["step"],
+                       info=f"loss {info['loss']:.3f} top5 {100 * info['top5']:.1f}% "
+                            f"{info['samples_per_s']:.0f} samples/s")
+        elif event == "validate":
+            state["val"] = bar.add_task(f"{prefix}  validate", total=info["images"], info="free-running decode")
+        elif event == "validate_step":
+            bar.update(state["val"], completed=info["done"])
+        elif event == "epoch_end":
+            r = info["record"]
+            if "val_bleu4" in r and not quiet:
+                bar.console.print(
+                    f"{prefix}epoch {r['epoch']}: train loss {r['train_loss']:.3f} | val loss {r['val_loss']:.3f} "
+                    f"top5 {100 * r['val_top5']:.1f}% BLEU-4 {100 * r['val_bleu4']:.2f} "
+                    f"CIDEr {r['val_cider']:.3f} | {r['samples_per_s']:.0f} samples/s | "
+                    f"e.g. \"{r['val_samples'][0] if r['val_samples'] else ''}\"", highlight=False)
+
+    return progress
