@@ -105,3 +105,26 @@ def test_frozen_encoder_feature_cache(tiny_data, tmp_path):
     torch.testing.assert_close(regions, direct, rtol=2e-3, atol=2e-3)  # float16 on disk
     # the same training, up to float16 rounding of the features
     assert cached["history"][0]["train_loss"] == pytest.approx(plain["history"][0]["train_loss"], rel=1e-2)
+
+
+def test_torchrun_two_processes_on_cpu(tiny_data, tmp_path):
+    """DDP through torchrun with the gloo backend: two ranks share the epoch, rank 0 writes."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "capcli", "train",
+           "tiny", f"data.dir={tiny_data}", f"run.dir={tmp_path}", "run.name=ddp", *TINY_OVERRIDES,
+           "train.epochs=2", "data.val_max_images=3", "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.count("finished (epochs)") == 1  # only rank 0 reports
+    lines = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    # each rank takes half of the training images (DistributedSampler pads to an even split),
+    # 8 images (40 pairs) a step
+    n = json.loads((tiny_data / "manifest.json").read_text())["splits"]["train"]["images"]
+    assert lines[0]["step"] == -(-(-(-n // 2)) // 8)
+    ckpt = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and not any(k.startswith("module.") for k in ckpt["model"])

@@ -41,11 +41,17 @@ def train(
     if resume is not None and (config is not None or overrides):
         raise UserError("--resume continues a run with its saved config; drop the config and overrides")
     cfg = load_config(config, overrides) if resume is None else None
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 speaks for the run
+        quiet = True
     dev = resolve_device(device)
 
     with make_progress(quiet) as bar:
         summary = run_training(cfg, dev, resume=resume, progress=training_progress(bar, quiet))
 
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     run_dir = Path(summary["run_dir"])
     console.print(f"finished ({summary['stop_reason']}) after {summary['epochs_run']} epoch(s), "
                   f"{summary['seconds']:.0f} s; best val BLEU-4 {100 * max(summary['best_bleu4'], 0):.2f} "

@@ -80,6 +80,10 @@ class Encoder(nn.Module):
         self.finetune = finetune
         self.set_trainable(finetune, finetune_stages)
 
+    # timm's classifier parts: never used by forward_features, so never trained here (DDP also
+    # refuses parameters that get no gradient)
+    HEAD_PREFIXES = ("head.", "fc_norm.", "global_pool.", "classifier.", "fc.")
+
     def set_trainable(self, finetune: bool, stages: int = 0) -> None:
         for p in self.backbone.parameters():
             p.requires_grad = False
@@ -87,13 +91,13 @@ class Encoder(nn.Module):
             return
         blocks = getattr(self.backbone, "stages", None) or getattr(self.backbone, "blocks", None)
         if stages <= 0 or blocks is None:
-            for p in self.backbone.parameters():
-                p.requires_grad = True
+            for name, p in self.backbone.named_parameters():
+                p.requires_grad = not name.startswith(self.HEAD_PREFIXES)
             return
         for block in list(blocks)[-stages:]:
             for p in block.parameters():
                 p.requires_grad = True
-        for attr in ("norm_pre", "norm", "head"):  # final norms sit after the last stage
+        for attr in ("norm_pre", "norm"):  # final norms sit after the last stage
             mod = getattr(self.backbone, attr, None)
             if isinstance(mod, nn.Module):
                 for p in mod.parameters():
