@@ -49,7 +49,7 @@ def evaluate(
         scores = score_results(results, dataset, meteor=meteor)
         out = output or results.with_name("eval.json")
         write_json(out, scores)
-        console.print(metrics_table(scores, f"{results} on {data} [{split}]"))
+        console.print(metrics_table(scores, f"{results} on {data}, split {split}"))
         console.print(f"wrote {out}")
         return
     if checkpoint is None:
@@ -74,5 +74,5 @@ def evaluate(
         output = (run_dir / f"eval-{split}" / "eval.json") if (run_dir / "config.yaml").is_file() else Path("eval.json")
     write_json(output, scores)
     write_json(output.with_name("captions.json"), captions)
-    console.print(metrics_table(scores, f"{checkpoint} on {data} [{split}], beam {beam}"))
+    console.print(metrics_table(scores, f"{checkpoint} on {data}, split {split}, beam {beam}"))
     console.print(f"wrote {output} and {output.with_name('captions.json')}")
