@@ -204,3 +204,43 @@ def test_synthetic_cli_refuses_other_arguments_unless_overwrite(tmp_path, runner
     assert "images 12 -> 15" in " ".join(result.output.split()) and "--overwrite" in result.output
     invoke(runner, ["prepare", "synthetic", "--out", out, "--images", 15, "--size", 32, "-q", "--overwrite"])
     assert sum(s["images"] for s in json.loads((out / "manifest.json").read_text())["splits"].values()) == 15
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and SIGKILL")
+def test_a_dead_decoding_worker_stops_prepare_instead_of_hanging(tmp_path, runner):
+    data = make_folder(tmp_path / "src", 150)
+    args = ["prepare", "folder", "--images", data / "img", "--captions", data / "captions.csv",
+            "--size", 16, "--min-word-freq", 1, "--workers", 2, "-q"]
+    out = tmp_path / "crashed"
+    env = {**os.environ, prep.TEST_DELAY_ENV: "0.04"}
+    proc = subprocess.Popen([sys.executable, "-m", "capcli", *map(str, args), "--out", str(out)], env=env,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None:
+            progress_file = out / "train.progress.json"
+            if progress_file.is_file() and json.loads(progress_file.read_text())["processed"] > 0:
+                break
+            time.sleep(0.05)
+        workers = _children(proc.pid)
+        assert proc.poll() is None and workers, "prepare ended before a worker could be killed"
+        os.kill(workers[0], signal.SIGKILL)  # what the OOM killer or a codec segfault does
+        stdout, stderr = proc.communicate(timeout=60)  # no hang
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 1
+    assert "decoding worker died" in " ".join((stdout + stderr).split())
+    assert "Traceback" not in stdout + stderr
+    # and the rerun resumes to a complete dataset
+    invoke(runner, [*args[:-1], "--out", out])
+    assert (out / "manifest.json").is_file()

@@ -184,6 +184,62 @@ def plan_window(workers: int, n: int, item_bytes: int = 0) -> tuple[int, int]:
     return chunksize, max(min(32, max(1, WINDOW_BYTES // max(item_bytes, 1))), workers * chunksize * 3)
 
 
+WATCHDOG_SECONDS = 2.0  # how often a waiting writer checks that every decoding worker is alive
+
+
+def _worker_pids(pool) -> frozenset:
+    """The pool's worker process ids (a pool never retires workers here: a change means a death)."""
+    return frozenset(p.pid for p in getattr(pool, "_pool", []) or [])
+
+
+def _apply_chunk(fn: Callable, chunk: list) -> list:
+    return [fn(item) for item in chunk]
+
+
+def _chunked(items: Iterable, size: int) -> Iterator[list]:
+    chunk: list = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class WorkerDied(UserError):
+    """A decoding worker process died: the pool cannot finish (see :func:`raise_if_a_worker_died`)."""
+
+
+def abandon_pool(pool) -> None:
+    """Kill the workers of a pool that lost one and drop it without ``terminate()``: a worker
+    killed while holding the task queue's lock leaves that lock held forever, and terminate (also
+    run at exit by the pool's finaliser) would wait for it."""
+    from multiprocessing import pool as mp_pool
+
+    handler = getattr(pool, "_worker_handler", None)
+    if handler is not None:
+        handler._state = mp_pool.TERMINATE  # no more replacement workers
+    for p in list(getattr(pool, "_pool", []) or []):
+        try:
+            p.kill()
+        except Exception:  # already gone
+            pass
+    finaliser = getattr(pool, "_terminate", None)
+    if finaliser is not None and hasattr(finaliser, "cancel"):
+        finaliser.cancel()
+
+
+def raise_if_a_worker_died(pool, workers_at_start: frozenset) -> None:
+    """Pool replaces a worker that died (the OOM killer, a crash inside an image codec) but the
+    chunk it held never comes back, so the results would be awaited forever: stop instead."""
+    if _worker_pids(pool) != workers_at_start:
+        raise WorkerDied(
+            "an image decoding worker died (killed by the system, e.g. out of memory, or crashed "
+            "inside an image library), so its images can never finish; rerun the same command to "
+            "resume from the last flush, with fewer --workers or --workers 0 to find the file")
+
+
 def ordered_map(pool, fn: Callable, items: Iterable, n: int, workers: int,
                 plan: tuple[int, int] | None = None) -> Iterator:
     """``fn`` over ``items`` in order; in ``pool`` when given, with at most ``window`` items
@@ -195,8 +251,22 @@ def ordered_map(pool, fn: Callable, items: Iterable, n: int, workers: int,
     chunksize, size = plan or plan_window(workers, n)
     window = _Window(size)
     consumed = 0
+    # chunks are made here, not by imap(chunksize=...), whose flattening generator has no timeout
+    results = pool.imap(partial(_apply_chunk, fn), _chunked(window.feed(items), chunksize), chunksize=1)
+    workers_at_start = _worker_pids(pool)
+    pending: list = []
     try:
-        for result in pool.imap(fn, window.feed(items), chunksize=chunksize):
+        while True:
+            if not pending:
+                try:
+                    pending = list(reversed(results.next(timeout=WATCHDOG_SECONDS)))
+                except StopIteration:
+                    break
+                except mp.TimeoutError:
+                    pending = []
+                    raise_if_a_worker_died(pool, workers_at_start)
+                    continue
+            result = pending.pop()
             yield result
             consumed += 1
             if consumed == chunksize:  # wake the feeder once per chunk, not once per item
@@ -456,6 +526,10 @@ def write_dataset(
             state["skipped"][split] = skipped
             _write_json(state_path, state)
         ok = True
+    except WorkerDied:
+        abandon_pool(pool)  # terminate() could wait forever on a lock the dead worker held
+        pool = None
+        raise
     finally:
         if pool is not None:
             if ok:
