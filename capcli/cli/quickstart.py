@@ -39,7 +39,9 @@ def quickstart(
     from capcli.data.synthetic import records, render, save_png
     from capcli.evaluate import evaluate_model, score_results
     from capcli.models.captioner import captioner_from_checkpoint
+    from capcli.cli.prepare import run_with_progress
     from capcli.cli.train import training_progress
+    from capcli.errors import UserError
     from capcli.train import train as run_training
 
     dev = resolve_device(device)
@@ -48,19 +50,12 @@ def quickstart(
 
     step(1, f"prepare: {images} synthetic scenes at {size} px -> {data_dir}")
     recs = records(images, 0)
-    if (data_dir / "manifest.json").is_file():
-        err_console.print(f"  {data_dir} exists, reusing it") if not quiet else None
-    else:
-        with make_progress(quiet) as bar:
-            tasks: dict = {}
-
-            def progress(split, done, total):
-                if split not in tasks:
-                    tasks[split] = bar.add_task(f"{split:>5}", total=total, info="")
-                bar.update(tasks[split], completed=done)
-
-            write_dataset(recs, data_dir, source="synthetic", image_size=size, loader=render,
-                          min_word_freq=1, max_length=20, progress=progress)
+    settings = dict(records=recs, out_dir=data_dir, source="synthetic", image_size=size, loader=render,
+                    min_word_freq=1, max_length=20)
+    try:  # the same scenes as last time: reused as they are
+        run_with_progress(quiet, write_dataset, **settings)
+    except UserError:  # other --images/--size than last time: this folder is the quickstart's own
+        run_with_progress(quiet, write_dataset, overwrite=True, **settings)
 
     step(2, "train: configs/tiny.yaml (convnext_atto from scratch + attention LSTM)")
     cfg = load_config("tiny", [f"data.dir={data_dir}", f"run.dir={out / 'runs'}", "run.name=tiny",
