@@ -182,3 +182,18 @@ def test_benchmark_study_runs_every_combination_and_resumes(runner, tiny_data, t
     assert all(r["reused"] for r in again) and [r["bleu4"] for r in again] == [r["bleu4"] for r in rows]
     result = invoke(runner, ["benchmark", "study", grid, "--dry-run"])
     assert "lr0.001-tftrue" in result.output
+
+
+def test_benchmark_prepare_cli(runner, tmp_path):
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    for i, (spec, _) in enumerate(make_scenes(12, seed=9)):
+        save_png(spec, img_dir / f"s{i}.png", 64)
+    out = tmp_path / "prep.json"
+    invoke(runner, ["benchmark", "prepare", img_dir, "--size", 32, "--workers", 2, "--repeats", 1,
+                    "--output", out, "-q"])
+    result = json.loads(out.read_text())
+    assert result["images"] == 12 and result["workers"] == 2 and result["skipped"] == 0
+    assert result["bare_images_per_s"] > 0 and result["prepare_images_per_s"] > 0
+    assert result["ratio"] == pytest.approx(result["prepare_images_per_s"] / result["bare_images_per_s"], rel=1e-2)
+    invoke(runner, ["benchmark", "prepare", img_dir, "--resize", "zoom"], code=1)
