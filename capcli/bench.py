@@ -29,7 +29,6 @@ Peak memory (``peak_mem_mb``, its meaning in ``peak_mem_kind``):
 
 from __future__ import annotations
 
-import difflib
 import gc
 import math
 import os
@@ -43,6 +42,8 @@ from typing import Callable
 import torch
 
 from capcli.errors import UserError
+from capcli.evaluate import autocast_dtype
+from capcli.models.encoder import check_encoder_names
 
 # progress(phase, done, total): e.g. ("train", 3, 13), counting warm-up and timed iterations
 ProgressFn = Callable[[str, int, int], None]
@@ -202,28 +203,6 @@ def _with_oom_retry(run: Callable[[int], dict], size: int, device: torch.device,
 
 # ----------------------------------------------------------------------------- helpers
 
-def check_encoders(names: list[str]) -> None:
-    """UserError naming the first name that timm does not know, with close matches."""
-    import timm
-
-    known = None
-    for name in names:
-        if timm.is_model(name):
-            continue
-        known = known or timm.list_models()
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-        hint = f" Did you mean {', '.join(close)}?" if close else " See `timm.list_models()` for names."
-        raise UserError(f"unknown encoder {name!r}: not a timm model name.{hint}")
-
-
-def _amp_dtype(amp, device: torch.device):
-    from capcli.evaluate import autocast_dtype
-
-    if amp not in ("auto", "off", "bf16", "fp16", True, False, None):
-        raise UserError(f"amp {amp!r}: use auto, off, bf16 or fp16")
-    return autocast_dtype(amp, device)
-
-
 def _amp_name(dtype) -> str:
     return {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
@@ -375,8 +354,8 @@ def bench_train(encoder: str, *, image_size: int = 224, batch: int = 32, mode: s
         raise UserError(f"vocab {vocab} is too small: 4 ids are specials, so use at least {FIRST_WORD + 1}")
     if max_length < 1:
         raise UserError(f"max_length must be at least 1 word, got {max_length}")
-    amp_dtype = _amp_dtype(amp, device)
-    check_encoders([encoder])
+    amp_dtype = autocast_dtype(amp, device)
+    check_encoder_names([encoder])
 
     def run(images: int) -> dict:
         model = Captioner(_model_config(encoder, grid, finetune=mode == "finetune"), vocab, pretrained=False)
@@ -457,8 +436,8 @@ def bench_encoder(name: str, *, image_size: int = 224, batch: int = 32, device: 
     device = torch.device(device)
     if batch < 1:
         raise UserError(f"batch must be at least 1, got {batch}")
-    amp_dtype = _amp_dtype(amp, device)
-    check_encoders([name])
+    amp_dtype = autocast_dtype(amp, device)
+    check_encoder_names([name])
     train_batch = train_batch or batch * captions_per_image
 
     # size and FLOPs on the CPU, once, with the model the inference run uses
@@ -537,7 +516,7 @@ def bench_decode(encoder: str | None = None, *, beam: int = 3, images: int = 64,
     for key, value in (("beam", beam), ("images", images), ("max_length", max_length), ("batch", batch)):
         if value < 1:
             raise UserError(f"{key} must be at least 1, got {value}")
-    amp_dtype = _amp_dtype(amp, device)
+    amp_dtype = autocast_dtype(amp, device)
     note = None
     if checkpoint is not None:
         model, voc, cfg, ckpt = captioner_from_checkpoint(checkpoint, "cpu")
@@ -552,7 +531,7 @@ def bench_decode(encoder: str | None = None, *, beam: int = 3, images: int = 64,
             raise UserError("give an encoder name (--encoder convnext_atto) or a --checkpoint")
         if vocab <= FIRST_WORD:
             raise UserError(f"vocab {vocab} is too small: 4 ids are specials, so use at least {FIRST_WORD + 1}")
-        check_encoders([encoder])
+        check_encoder_names([encoder])
         image_size = image_size or 224
         model = Captioner(_model_config(encoder, grid, finetune=False), vocab, pretrained=False)
         start, end, pad = START, END, 0

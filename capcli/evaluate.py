@@ -23,6 +23,8 @@ ProgressFn = Callable[[int, int], None]
 
 def autocast_dtype(amp, device: torch.device) -> torch.dtype | None:
     """Resolve ``train.amp`` for a device: None (full precision), torch.bfloat16 or torch.float16."""
+    if amp not in ("auto", "off", "bf16", "fp16", True, False, None):
+        raise UserError(f"amp {amp!r}: use auto, off, bf16 or fp16")
     if amp in ("off", False, None) or device.type != "cuda":
         return None
     if amp in ("auto", True):

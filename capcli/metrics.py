@@ -446,12 +446,9 @@ def caption_scores(references: dict[str, list[str]], hypotheses: dict[str, str],
 # Top-k accuracy of next-word predictions
 
 
-def topk_correct(logits, targets, mask, k: int = 5) -> tuple[int, int]:
-    """(correct, total): unmasked positions whose target is among the ``k`` highest logits.
-
-    ``logits`` (..., V), ``targets`` and ``mask`` (...) with the same leading shape, e.g.
-    (B, T, V), (B, T), (B, T). Integers, so callers can add them up across batches.
-    """
+def topk_hits(logits, targets, mask, k: int = 5):
+    """(correct, total) as 0-d tensors on the logits' device: no host sync, for the training loop
+    to add up and read only when it reports. Shapes as :func:`topk_correct`."""
     if logits.shape[:-1] != targets.shape or targets.shape != mask.shape:
         raise ValueError(f"shape mismatch: logits {tuple(logits.shape)}, targets {tuple(targets.shape)}, "
                          f"mask {tuple(mask.shape)}; expected (..., V), (...), (...)")
@@ -459,7 +456,17 @@ def topk_correct(logits, targets, mask, k: int = 5) -> tuple[int, int]:
     top = logits.detach().topk(k, dim=-1).indices
     hit = (top == targets.unsqueeze(-1).to(top.dtype)).any(dim=-1)
     keep = mask.bool()
-    return int((hit & keep).sum().item()), int(keep.sum().item())
+    return (hit & keep).sum(), keep.sum()
+
+
+def topk_correct(logits, targets, mask, k: int = 5) -> tuple[int, int]:
+    """(correct, total): unmasked positions whose target is among the ``k`` highest logits.
+
+    ``logits`` (..., V), ``targets`` and ``mask`` (...) with the same leading shape, e.g.
+    (B, T, V), (B, T), (B, T). Integers, so callers can add them up across batches.
+    """
+    correct, total = topk_hits(logits, targets, mask, k)
+    return int(correct.item()), int(total.item())
 
 
 def top5_accuracy(logits, targets, mask) -> float:

@@ -16,7 +16,7 @@ console = Console(stderr=False)
 err_console = Console(stderr=True)
 
 
-def make_progress(quiet: bool = False, *extra_fields: str) -> Progress:
+def make_progress(quiet: bool = False) -> Progress:
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
     return Progress(*columns, console=err_console, disable=quiet, transient=False)

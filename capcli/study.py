@@ -73,8 +73,8 @@ def _label(key: str, value) -> str:
     return f"{short}{_value(value)}"
 
 
-def combinations(grid: dict, extra: list[str] | None = None) -> list[tuple[str, list[str]]]:
-    """(run name, overrides) for every combination, each validated as a config."""
+def combinations(grid: dict, extra: list[str] | None = None) -> list[tuple[str, list[str], list[str]]]:
+    """(run name, overrides, the grid's values as text) for every combination, each validated."""
     keys = list(grid["grid"])
     out = []
     for values in itertools.product(*(grid["grid"][k] for k in keys)):
@@ -82,7 +82,7 @@ def combinations(grid: dict, extra: list[str] | None = None) -> list[tuple[str, 
         name = "-".join(_label(k, v) for k, v in zip(keys, values)).replace("/", "_")
         overrides = [*grid["overrides"], *(extra or []), *pairs]
         load_config(grid["config"], overrides)  # every combination is checked before any training
-        out.append((name, overrides))
+        out.append((name, overrides, [_value(v) for v in values]))
     return out
 
 
@@ -100,7 +100,7 @@ def run_study(grid: dict, device: torch.device, *, extra: list[str] | None = Non
     beam = int(grid["evaluate"].get("beam", 3))
     rows = []
     combos = combinations(grid, extra)
-    for i, (name, overrides) in enumerate(combos):
+    for i, (name, overrides, values) in enumerate(combos):
         cfg = load_config(grid["config"], [*overrides, f"run.name={name}", "run.overwrite=true"])
         cfg.run.dir = str(Path(cfg.run.dir) / grid["name"])
         run_dir = Path(cfg.run.dir) / name
@@ -124,14 +124,10 @@ def run_study(grid: dict, device: torch.device, *, extra: list[str] | None = Non
             write_json(eval_path, scores)
             reused = False
         row = {"run": name, "run_dir": str(run_dir), "reused": reused,
-               **{k: v for k, v in zip(grid["grid"], _combo_values(grid, name, overrides))},
+               **dict(zip(grid["grid"], values)),
                **{k: scores.get(k) for k in ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "rouge_l",
                                              "top5", "loss", "captions_per_s")}}
         rows.append(row)
         emit("run_end", index=i, total=len(combos), row=row)
     return rows
 
-
-def _combo_values(grid: dict, name: str, overrides: list[str]) -> list:
-    n = len(grid["grid"])
-    return [o.split("=", 1)[1] for o in overrides[-n:]]

@@ -28,7 +28,7 @@ from capcli.data.dataset import CaptionDataset, collate
 from capcli.data.features import CachedFeatureDataset, build_cache, cache_path, collate_cached
 from capcli.errors import UserError
 from capcli.evaluate import autocast_dtype, evaluate_model
-from capcli.metrics import topk_correct
+from capcli.metrics import topk_hits
 from capcli.models.captioner import Captioner
 from capcli.models.decoder import caption_loss
 
@@ -147,14 +147,14 @@ def train(cfg: Config, device: torch.device, *, resume: str | Path | None = None
     cached = not cfg.model.finetune and cfg.train.cache_features
     train_data, collate_fn = train_set, collate
     if cached:
+        path = cache_path(train_set, model.encoder)
         if d.main:
             emit("cache", split=cfg.data.train_split, images=len(train_set))
-            build_cache(model.encoder, train_set, device, batch_size=max(images_per_batch, 32),
-                        amp_dtype=autocast_dtype(cfg.train.amp, device),
-                        progress=lambda done, n: emit("cache_step", done=done, total=n))
+            build_cache(model.encoder, train_set, device, path, batch_size=max(images_per_batch, 32),
+                        amp_dtype=amp_dtype, progress=lambda done, n: emit("cache_step", done=done, total=n))
         if d.world > 1:
             dist.barrier()
-        train_data = CachedFeatureDataset(train_set, cache_path(train_set, model.encoder))
+        train_data = CachedFeatureDataset(train_set, path)
         collate_fn = collate_cached
     sampler = DistributedSampler(train_data, d.world, d.rank, shuffle=True, seed=cfg.seed) if d.world > 1 else None
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -205,15 +205,17 @@ def train(cfg: Config, device: torch.device, *, resume: str | Path | None = None
         ratio = tf_ratio(cfg, epoch)
         ddp_model.train()
         emit("epoch_start", epoch=epoch, epochs=cfg.train.epochs, steps=len(loader), tf_ratio=ratio)
-        loss_sum = ce_sum = 0.0
-        correct = total = pairs = 0
+        # running sums stay on the device (loss x tokens, ce x tokens, top-5 hits, tokens) and are
+        # read only when reported: no host sync on every step
+        sums = torch.zeros(4, dtype=torch.float64, device=device)
+        pairs = 0
         t_epoch = time.perf_counter()
         out_of_time = False
         for i, batch in enumerate(loader):
             captions = batch["captions"].to(device, non_blocking=True)
             lengths = batch["lengths"].to(device, non_blocking=True)
-            # trim padding beyond the longest caption of the batch
-            longest = int(lengths.max())
+            # trim padding beyond the longest caption of the batch (read on the CPU copy)
+            longest = int(batch["lengths"].max())
             captions = captions[:, :, :longest]
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 if cached:
@@ -223,9 +225,6 @@ def train(cfg: Config, device: torch.device, *, resume: str | Path | None = None
             b, kk, length = captions.shape
             targets = captions.reshape(b * kk, length)[:, 1:]
             loss, ce, mask = caption_loss(logits, targets, alphas, lengths.reshape(-1), cfg.train.alpha_c)
-            if not torch.isfinite(loss):
-                raise UserError(f"loss became {float(loss)} at epoch {epoch + 1} step {i + 1}; "
-                                "lower train.lr or use train.amp=off")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.train.grad_clip:
@@ -234,13 +233,14 @@ def train(cfg: Config, device: torch.device, *, resume: str | Path | None = None
             scaler.step(optimizer)
             scaler.update()
             step += 1
-            c, t = topk_correct(logits.detach().float(), targets, mask, k=5)
-            correct += c
-            total += t
-            loss_sum += float(loss.detach()) * t
-            ce_sum += float(ce.detach()) * t
+            c, t = topk_hits(logits.detach().float(), targets, mask, k=5)
+            sums += torch.stack([loss.detach() * t, ce.detach() * t, c, t]).double()
             pairs += b * kk
             if (i + 1) % cfg.train.log_every == 0 or i + 1 == len(loader):
+                loss_sum, _, correct, total = sums.tolist()
+                if not math.isfinite(loss_sum):
+                    raise UserError(f"loss became {loss_sum} by epoch {epoch + 1} step {i + 1}; "
+                                    "lower train.lr or use train.amp=off")
                 elapsed = time.perf_counter() - t_epoch
                 emit("step", epoch=epoch, step=i + 1, steps=len(loader), loss=loss_sum / max(total, 1),
                      top5=correct / max(total, 1), samples_per_s=pairs * d.world / max(elapsed, 1e-9))
@@ -248,7 +248,7 @@ def train(cfg: Config, device: torch.device, *, resume: str | Path | None = None
                 out_of_time = True
                 break
         train_seconds = time.perf_counter() - t_epoch
-        loss_sum, ce_sum, correct, total, pairs = _all_reduce([loss_sum, ce_sum, correct, total, pairs], d, device)
+        loss_sum, ce_sum, correct, total, pairs = _all_reduce([*sums.tolist(), pairs], d, device)
 
         if out_of_time:  # an unfinished epoch: keep the weights, rerun the epoch on resume
             stop_reason = "max_minutes"

@@ -71,6 +71,7 @@ def encoders(
       capcli benchmark encoders --encoders convnext_tiny,convnext_base --data data/coco --device cuda
     """
     from capcli import bench
+    from capcli.models.encoder import check_encoder_names
 
     if plot is not None and plot.suffix.lower() != ".png":
         raise UserError(f"--plot {plot}: give a .png file name")
@@ -80,7 +81,7 @@ def encoders(
     if encoders is not None and not names:
         raise UserError("--encoders is empty; give comma-separated timm names, e.g. convnext_atto,convnext_femto")
     names = names or list(bench.GPU_ENCODERS if dev.type == "cuda" else bench.CPU_ENCODERS)
-    bench.check_encoders(names)  # fail on a typo before minutes of benchmarking
+    check_encoder_names(names)  # fail on a typo before minutes of benchmarking
     size_from = "--image-size" if image_size else "default"
     if data is not None:
         from capcli.data.dataset import read_manifest
@@ -296,8 +297,10 @@ def study(
     keys = list(spec["grid"])
     if dry_run:
         console.print(table(f"{len(combos)} runs of {spec['name']} (base config {spec['config']})",
-                            ["run", *keys], [(name, *(x.split("=", 1)[1] for x in o[-len(keys):])) for name, o in combos]))
+                            ["run", *keys], [(name, *values) for name, _, values in combos]))
         return
+    from capcli.cli.train import training_progress
+
     dev = resolve_device(device)
     with make_progress(quiet) as bar:
         state: dict = {}
@@ -305,12 +308,10 @@ def study(
         def progress(event: str, **info) -> None:
             if event == "run_start":
                 state["run"] = f"[{info['index'] + 1}/{info['total']}] {info['name']}"
-            elif event == "epoch_start":
-                state["task"] = bar.add_task(f"{state.get('run', '')} epoch {info['epoch'] + 1}/{info['epochs']}",
-                                             total=info["steps"], info="")
-            elif event == "step":
-                bar.update(state["task"], completed=info["step"], info=f"loss {info['loss']:.3f}")
-            elif event == "run_end" and not quiet:
+                state["train"] = training_progress(bar, quiet=True, prefix=f"{state['run']} ")
+            elif event != "run_end":
+                state["train"](event, **info)  # the training loop's own events
+            elif not quiet:
                 r = info["row"]
                 bar.console.print(f"{state['run']}: BLEU-4 {100 * r['bleu4']:.2f} top-5 "
                                   f"{100 * (r['top5'] or 0):.1f}%{' (reused)' if r['reused'] else ''}")

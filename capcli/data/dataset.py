@@ -57,6 +57,7 @@ class CaptionDataset(Dataset):
         if max_images and max_images < self.num_images:
             self.num_images = max_images
         self._h5: h5py.File | None = None
+        self._references: list[list[str]] | None = None
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -88,11 +89,14 @@ class CaptionDataset(Dataset):
         return item
 
     def references(self) -> list[list[str]]:
-        """Every raw reference caption of each image (not just the sampled ones)."""
-        f = self.h5
-        refs = f["references"].asstr()[:]
-        offsets = f["reference_offsets"][:]
-        return [list(refs[offsets[i]:offsets[i + 1]]) for i in range(self.num_images)]
+        """Every raw reference caption of each image (not just the sampled ones); read once, then
+        kept (validation asks for them every epoch)."""
+        if self._references is None:
+            f = self.h5
+            refs = f["references"].asstr()[:]
+            offsets = f["reference_offsets"][:]
+            self._references = [list(refs[offsets[i]:offsets[i + 1]]) for i in range(self.num_images)]
+        return self._references
 
     def image_ids(self) -> list[int]:
         return [int(x) for x in self.h5["image_ids"][: self.num_images]]

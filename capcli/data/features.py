@@ -34,10 +34,10 @@ def cache_path(dataset: CaptionDataset, encoder) -> Path:
 
 
 @torch.inference_mode()
-def build_cache(encoder, dataset: CaptionDataset, device: torch.device, *, batch_size: int = 64,
+def build_cache(encoder, dataset: CaptionDataset, device: torch.device, path: Path, *, batch_size: int = 64,
                 amp_dtype=None, progress: Callable[[int, int], None] | None = None) -> Path:
-    """Encode every image of ``dataset`` once (float16 on disk); reuse a finished cache."""
-    path = cache_path(dataset, encoder)
+    """Encode every image of ``dataset`` once into ``path`` (from :func:`cache_path`; float16 on
+    disk); a finished cache is reused."""
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from capcli import checkpoint
 from capcli.config import Config, ModelConfig, config_from_dict
 from capcli.data.vocab import Vocab
 from capcli.models.decoder import Decoder
@@ -57,16 +58,9 @@ class Captioner(nn.Module):
         return groups
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """A capcli checkpoint as a dict; ``weights_only=True``: no code runs on load."""
-    from capcli.checkpoint import load
-
-    return load(path, map_location)
-
-
 def captioner_from_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
     """(model in eval mode, vocab, config, checkpoint dict) from a checkpoint file."""
-    ckpt = load_checkpoint(path)
+    ckpt = checkpoint.load(path)
     cfg: Config = config_from_dict(ckpt["config"])
     vocab = Vocab(ckpt["vocab"])
     model = Captioner(cfg.model, len(vocab), pretrained=False)  # weights come from the state dict

@@ -16,13 +16,26 @@ from torch import nn
 from capcli.errors import UserError
 
 
+def check_encoder_names(names: list[str]) -> None:
+    """UserError naming the first name that timm does not know, with close matches."""
+    import difflib
+
+    import timm
+
+    known = None
+    for name in names:
+        if timm.is_model(name):
+            continue
+        known = known or timm.list_models()
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(close)}?" if close else " See `timm.list_models()` for names."
+        raise UserError(f"unknown encoder {name!r}: not a timm model name.{hint}")
+
+
 def _create_backbone(name: str, pretrained: bool | str) -> nn.Module:
     import timm
 
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('.')[0].split('_')[0]}*")[:8]
-        hint = f" Did you mean one of: {', '.join(close)}?" if close else ""
-        raise UserError(f"unknown encoder {name!r}: not a timm model name.{hint}")
+    check_encoder_names([name])
     kwargs: dict = {"num_classes": 0, "global_pool": ""}
     if isinstance(pretrained, str) and pretrained not in ("true", "false"):
         path = Path(pretrained).expanduser()
