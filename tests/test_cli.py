@@ -197,3 +197,12 @@ def test_benchmark_prepare_cli(runner, tmp_path):
     assert result["bare_images_per_s"] > 0 and result["prepare_images_per_s"] > 0
     assert result["ratio"] == pytest.approx(result["prepare_images_per_s"] / result["bare_images_per_s"], rel=1e-2)
     invoke(runner, ["benchmark", "prepare", img_dir, "--resize", "zoom"], code=1)
+
+
+def test_checkpoint_that_does_not_fit_the_model_is_a_user_error(runner, tiny_run, tiny_data, tmp_path):
+    ckpt = torch.load(tiny_run / "checkpoints" / "best.pt", weights_only=True)
+    ckpt["model"] = {k: v for k, v in ckpt["model"].items() if not k.startswith("encoder.feature_norm")}
+    old = tmp_path / "old.pt"
+    torch.save(ckpt, old)
+    result = invoke(runner, ["evaluate", old, "--data", tiny_data, "--device", "cpu"], code=1)
+    assert "does not fit" in result.output and "Traceback" not in result.output
