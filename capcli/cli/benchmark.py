@@ -135,6 +135,8 @@ def train(
     vocab: Annotated[int, typer.Option("--vocab", min=5, help="Vocabulary size of the random captions.")] = 1000,
     max_length: Annotated[int, typer.Option("--max-length", min=1, help="Words per random caption.")] = 16,
     grid: Annotated[int, typer.Option("--grid", min=1, help="Feature grid side.")] = 7,
+    tf_ratio: Annotated[float, typer.Option("--tf-ratio", min=0.0, max=1.0, help="Teacher-forcing ratio (1 = always the ground-truth word).")] = 1.0,
+    channels_last: Annotated[str, typer.Option("--channels-last", help="Encoder memory format: auto (convnets) | true | false.")] = "auto",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the result to this JSON file.")] = None,
     amp: AmpOpt = "auto",
     threads: ThreadsOpt = 0,
@@ -142,7 +144,7 @@ def train(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ):
-    """Training-step throughput in caption-image pairs per second.
+    """Training-step throughput in caption-image pairs per second: the trainer's own step.
 
     A step is forward, loss, backward and Adam on random images and captions; --batch counts
     caption-image pairs, so each step encodes --batch // --captions-per-image images.
@@ -156,6 +158,9 @@ def train(
 
     if mode not in bench.MODES:
         raise UserError(f"--mode {mode!r}: use one of {', '.join(bench.MODES)}")
+    cl = {"auto": "auto", "true": True, "false": False}.get(channels_last.lower())
+    if cl is None:
+        raise UserError(f"--channels-last {channels_last!r}: use auto, true or false")
     dev = resolve_device(device)
     bench.set_threads(threads)
     env = bench.env_info(dev)
@@ -163,12 +168,13 @@ def train(
         task = bar.add_task(encoder, total=None, info=f"{mode}, batch {batch}")
         result = bench.bench_train(encoder, image_size=image_size, batch=batch, mode=mode, steps=steps,
                                    warmup=warmup, device=dev, amp=amp, captions_per_image=captions_per_image,
-                                   vocab=vocab, max_length=max_length, grid=grid,
-                                   progress=_tracker(bar, task, encoder))
+                                   vocab=vocab, max_length=max_length, grid=grid, tf_ratio=tf_ratio,
+                                   channels_last=cl, progress=_tracker(bar, task, encoder))
     console.print(_pairs_table(f"Training steps: {encoder}, {mode}, {image_size}px on {dev}", result, [
         ("samples_per_s", "caption-image pairs/s", 1), ("images_per_s", "images/s", 1),
         ("step_ms", "step ms (median)", 1), ("peak_mem_mb", f"peak MB ({result['peak_mem_kind']})", 0),
-        ("batch", "pairs per step", 0), ("images_per_step", "images per step", 0), ("amp", "amp", 0)]))
+        ("batch", "pairs per step", 0), ("images_per_step", "images per step", 0), ("tf_ratio", "teacher forcing", 2),
+        ("channels_last", "channels_last", 0), ("amp", "amp", 0)]))
     if output is not None:
         write_json(output, {**result, "env": {**env, "load_avg_1m_end": bench.load_average()}})
         console.print(f"wrote {output}")
@@ -249,7 +255,7 @@ def prepare(
       capcli benchmark prepare photos/ --workers 8 --resize crop --output prepare_bench.json
     """
     from capcli import bench
-    from capcli.bench_prepare import bench_prepare
+    from capcli.bench.prepare import bench_prepare
 
     if resize not in ("squash", "crop"):
         raise UserError(f"--resize {resize!r}: use squash or crop")
@@ -290,7 +296,7 @@ def study(
       capcli benchmark study paper data.dir=data/coco --dry-run
       capcli benchmark study my_grid.yaml train.epochs=5 --output study.json
     """
-    from capcli.study import combinations, load_grid, run_study
+    from capcli.bench.study import combinations, load_grid, run_study
 
     spec = load_grid(grid)
     combos = combinations(spec, overrides)
@@ -325,4 +331,9 @@ def study(
                          for r in rows]))
     out = output or Path(rows[0]["run_dir"]).parent / "study.json"
     write_json(out, {"grid": spec, "rows": rows})
-    console.print(f"wrote {out}")
+    from capcli.bench.plot import plot_study
+
+    png = plot_study(rows, keys, out.with_suffix(".png"),
+                     title=f"{spec['name']}: {spec['evaluate'].get('split', 'test')} split, beam "
+                           f"{spec['evaluate'].get('beam', 3)}, no teacher forcing")
+    console.print(f"wrote {out} and {png}")

@@ -29,7 +29,7 @@ import yaml
 from capcli.config import load_config, resolve_config_path
 from capcli.errors import UserError
 
-GRID_DIR = Path(__file__).parent / "configs" / "grids"
+GRID_DIR = Path(__file__).parent.parent / "configs" / "grids"
 
 
 def load_grid(path: str | Path) -> dict:
@@ -90,10 +90,11 @@ def run_study(grid: dict, device: torch.device, *, extra: list[str] | None = Non
               progress: Callable[..., None] | None = None) -> list[dict]:
     """Train and score every combination; returns one row per combination."""
     from capcli.data.dataset import CaptionDataset
-    from capcli.evaluate import autocast_dtype, evaluate_model
+    from capcli.evaluate import evaluate_model
+    from capcli.training.runtime import autocast_dtype
     from capcli.models.captioner import captioner_from_checkpoint
     from capcli.report import write_json
-    from capcli.train import train
+    from capcli.training import train
 
     emit = progress or (lambda *a, **k: None)
     split = grid["evaluate"].get("split", "test")

@@ -1,0 +1,121 @@
+"""`capcli benchmark decode`: captioning throughput, encoder + beam search."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from capcli.bench.harness import (
+    END,
+    FIRST_WORD,
+    START,
+    PeakMemory,
+    ProgressFn,
+    amp_name,
+    feature_shape,
+    free_memory,
+    model_config,
+    random_images,
+    sync,
+    with_oom_retry,
+)
+from capcli.errors import UserError
+from capcli.training.runtime import autocast_dtype
+from capcli.models.encoder import check_encoder_names
+
+RANDOM_NOTE = ("random weights: the decoder rarely emits <end>, so most captions run to max_length "
+               "words; this is the worst case of the beam search")
+
+
+def bench_decode(encoder: str | None = None, *, beam: int = 3, images: int = 64, max_length: int = 20,
+                 vocab: int = 1000, image_size: int | None = None, device: torch.device | str = "cpu",
+                 checkpoint: str | Path | None = None, batch: int = 16, warmup: int = 1, amp="auto",
+                 grid: int = 7, progress: ProgressFn | None = None) -> dict:
+    """Captioning throughput: ``images`` random images, ``batch`` at a time, encoder + beam search.
+
+    ``captions_per_s`` counts images captioned per second, encoder included. Random weights unless
+    ``checkpoint`` (a .pt or a run dir) is given: its encoder, vocabulary and image size are then
+    used, ``vocab`` is ignored and ``encoder``, if given, must match. ``max_length`` counts words.
+    ``ended_fraction`` is the share of captions that ended with <end> before ``max_length``.
+    """
+    from capcli.decode import beam_search
+    from capcli.models.captioner import Captioner, captioner_from_checkpoint
+
+    device = torch.device(device)
+    for key, value in (("beam", beam), ("images", images), ("max_length", max_length), ("batch", batch)):
+        if value < 1:
+            raise UserError(f"{key} must be at least 1, got {value}")
+    amp_dtype = autocast_dtype(amp, device)
+    note = None
+    if checkpoint is not None:
+        model, voc, cfg, ckpt = captioner_from_checkpoint(checkpoint, "cpu")
+        if encoder is not None and encoder != cfg.model.encoder:
+            raise UserError(f"--encoder {encoder} does not match the checkpoint's encoder "
+                            f"{cfg.model.encoder}; leave --encoder out to use the checkpoint's")
+        encoder = cfg.model.encoder
+        image_size = image_size or int(ckpt.get("data", {}).get("image_size") or cfg.model.image_size or 224)
+        vocab, start, end, pad = len(voc), voc.start, voc.end, voc.pad
+    else:
+        if encoder is None:
+            raise UserError("give an encoder name (--encoder convnext_atto) or a --checkpoint")
+        if vocab <= FIRST_WORD:
+            raise UserError(f"vocab {vocab} is too small: 4 ids are specials, so use at least {FIRST_WORD + 1}")
+        check_encoder_names([encoder])
+        image_size = image_size or 224
+        model = Captioner(model_config(encoder, grid, finetune=False), vocab, pretrained=False)
+        start, end, pad = START, END, 0
+        note = RANDOM_NOTE
+    model.eval()
+    feature_shape(model.encoder, image_size)
+
+    def run(n: int) -> dict:
+        meter = PeakMemory(device).start()
+        chunks = [min(n, images - i) for i in range(0, images, n)]
+        pixels = random_images(n, image_size, torch.device("cpu"))
+        lengths: list[int] = []
+        try:
+            model.to(device)
+            pixels_dev = pixels.to(device)
+
+            @torch.inference_mode()
+            def caption(size: int) -> list[list[int]]:
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    feats = model.encode(pixels_dev[:size])
+                return beam_search(model.decoder, feats.float(), start=start, end=end, pad=pad,
+                                   beam_size=beam, max_length=max_length).tokens
+
+            for i in range(warmup):  # on a full batch: allocator, autotuning, lazy init
+                caption(n)
+                if progress is not None:
+                    progress("warm-up", i + 1, warmup)
+            sync(device)
+            times = []
+            for i, size in enumerate(chunks):
+                t0 = time.perf_counter()
+                tokens = caption(size)
+                sync(device)
+                times.append(time.perf_counter() - t0)
+                lengths.extend(len(t) for t in tokens)
+                if progress is not None:
+                    progress("decode", min(images, (i + 1) * n), images)
+            peak = meter.stop()
+        finally:
+            model.to("cpu")
+            free_memory(device)
+        total = sum(times)
+        return {"captions_per_s": images / total, "batch_ms": statistics.median(times) * 1e3,
+                "ms_per_image": total / images * 1e3, "peak_mem_mb": peak, "peak_mem_kind": meter.kind,
+                "mean_words": sum(lengths) / len(lengths),
+                "ended_fraction": sum(1 for x in lengths if x < max_length) / len(lengths),
+                "batch": n}
+
+    out = with_oom_retry(run, min(batch, images), device, f"decode {encoder}")
+    return {"encoder": encoder, **out, "beam": beam, "images": images, "max_length": max_length,
+            "vocab": vocab, "image_size": image_size, "checkpoint": str(checkpoint) if checkpoint else None,
+            "weights": "checkpoint" if checkpoint else "random", "warmup": warmup,
+            "amp": amp_name(amp_dtype), "device": str(device), "note": note}
+
+
