@@ -23,10 +23,10 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 @dataclass
 class DataConfig:
     dir: str = "data/synthetic"  # dataset dir written by `capcli prepare`
-    num_workers: int = 0  # DataLoader worker processes (HDF5 is opened lazily in each)
+    num_workers: Any = "auto"  # DataLoader worker processes: auto (what this process's CPUs allow) | N
     train_split: str = "train"
     val_split: str = "val"
-    val_max_images: int = 0  # validate on the first N val images only (0 = all)
+    val_max_images: int = 0  # validate on the first N val images only (0 = all): cheaper validation
 
 
 @dataclass
@@ -35,13 +35,14 @@ class ModelConfig:
     pretrained: Any = True  # true (hub weights) | false (random init) | path to a weights file
     finetune: bool = True  # false: frozen encoder
     finetune_stages: int = 0  # with finetune, train only the last N encoder stages (0 = all)
-    grid: int = 7  # encoder features are pooled to grid x grid regions (7x7 = 49, as the paper)
+    grid: int = 7  # convnet features are pooled to grid x grid regions (7x7 = 49, as the paper; 0 = as they come)
     feature_norm: bool = True  # LayerNorm over region features (raw ConvNeXt features are unnormalised)
     image_size: Any = None  # resize images to this size for the encoder (null = dataset size)
     emb_dim: int = 512  # word embedding size
     att_dim: int = 512  # attention MLP size
     dec_dim: int = 512  # LSTM hidden size
     dropout: float = 0.5  # dropout before the vocabulary projection
+    channels_last: Any = "auto"  # encoder in channels_last memory: auto (convnets) | true | false
 
 
 @dataclass
@@ -54,15 +55,32 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 5.0  # clip gradients by value at +-grad_clip, as Show-Attend-Tell (0 = off)
     alpha_c: float = 1.0  # weight of the doubly stochastic attention regularisation
-    teacher_forcing: Any = True  # true | false | scheduled (ratio from tf_start to tf_end over the epochs)
-    tf_start: float = 1.0  # scheduled teacher forcing: ratio of ground-truth inputs at the first epoch
-    tf_end: float = 0.0  # ... and at the last epoch
+    objective: str = "xe"  # xe: cross-entropy + doubly stochastic attention
+    # teacher forcing: the share of steps that read the ground-truth word (else the model's own argmax)
+    teacher_forcing: Any = True  # true (1) | false (0) | a ratio in [0, 1] | scheduled (= tf_schedule linear)
+    tf_schedule: str = "constant"  # constant (teacher_forcing) | linear | inverse_sigmoid: tf_start -> tf_end, per step
+    tf_start: float = 1.0  # scheduled: the ratio at the first step
+    tf_end: float = 0.0  # scheduled: the ratio reached at the last step (linear) or approached (inverse_sigmoid)
+    tf_k: float = 0.0  # inverse_sigmoid steepness k of Bengio et al. 2015, k/(k+exp(step/k)); 0 = midway at mid-run
+    lr_schedule: str = "none"  # none | plateau (x lr_factor after lr_patience validations without a better score) | cosine
+    lr_factor: float = 0.8  # plateau: the seed's rule, x0.8 ...
+    lr_patience: int = 8  # ... after 8 validations without a better best_metric
+    warmup_steps: int = 0  # linear learning-rate warm-up over the first N steps (any schedule)
+    min_lr_ratio: float = 0.0  # cosine: the rate decays to this fraction of the initial one
+    finetune_after: int = 0  # epochs on a frozen encoder (on the feature cache) before fine-tuning it (0 = from the start)
     amp: Any = "auto"  # mixed precision: auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16
-    patience: int = 0  # early stopping: epochs without a better val BLEU-4 (0 = never stop early)
+    best_metric: str = "auto"  # bleu4 | cider: picks best.pt, early stopping and plateau (auto: bleu4 for xe)
+    patience: int = 0  # early stopping: validations without a better best_metric (0 = never stop early)
     cache_features: bool = True  # frozen encoder: encode each image once into DATA/features/, train on the cache
+    val_every: Any = 1  # validate every N epochs (an int) or every N steps ("500 steps"); and at the end
     val_beam: int = 1  # beam size of the free-running validation decode (1 = greedy)
     max_length: int = 0  # longest decoded caption (0 = the dataset's max length)
     log_every: int = 10  # steps between progress updates
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = False  # also write TensorBoard event files to RUN_DIR/tensorboard/
 
 
 @dataclass
@@ -78,6 +96,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -206,24 +225,115 @@ def config_from_dict(data: dict) -> Config:
     return cfg
 
 
+TF_SCHEDULES = ("constant", "linear", "inverse_sigmoid")
+LR_SCHEDULES = ("none", "plateau", "cosine")
+OBJECTIVES = ("xe",)
+BEST_METRICS = ("auto", "bleu4", "cider")
+
+
+def _one_of(key: str, value: Any, options: tuple) -> None:
+    if value not in options:
+        close = difflib.get_close_matches(str(value), options, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UserError(f"{key} must be one of {', '.join(options)}, got {value!r}.{hint}")
+
+
+def _fraction(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise UserError(f"{key} must be a number in [0, 1], got {value!r}")
+
+
+def parse_val_every(value: Any) -> tuple[int, str]:
+    """``train.val_every`` -> (N, "epochs" | "steps"): 2 -> (2, "epochs"), "500 steps" -> (500, "steps")."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n, unit = value, "epochs"
+    else:
+        parts = str(value).replace("_", " ").split()
+        units = {"epoch": "epochs", "epochs": "epochs", "step": "steps", "steps": "steps"}
+        if len(parts) == 2 and parts[0].isdigit() and parts[1] in units:
+            n, unit = int(parts[0]), units[parts[1]]
+        else:
+            raise UserError(f"train.val_every must be a number of epochs (2) or steps (\"500 steps\"), got {value!r}")
+    if n < 1:
+        raise UserError(f"train.val_every must be at least 1, got {value!r}")
+    return n, unit
+
+
 def validate(cfg: Config) -> None:
-    tf = cfg.train.teacher_forcing
-    if isinstance(tf, str) and tf not in ("scheduled",):
-        raise UserError(f"train.teacher_forcing must be true, false or scheduled, got {tf!r}")
-    if not isinstance(tf, (bool, str)):
-        raise UserError(f"train.teacher_forcing must be true, false or scheduled, got {tf!r}")
+    """Check values that types alone cannot: ranges, choices and combinations. One-line errors."""
+    t, m = cfg.train, cfg.model
+    tf = t.teacher_forcing
+    if isinstance(tf, str):
+        if tf != "scheduled":
+            raise UserError(f"train.teacher_forcing must be true, false, a ratio in [0, 1] or scheduled, got {tf!r}")
+    elif not isinstance(tf, bool):
+        _fraction("train.teacher_forcing (true, false, scheduled or a ratio)", tf)
+    _one_of("train.tf_schedule", t.tf_schedule, TF_SCHEDULES)
+    if t.tf_schedule != "constant" and tf is not True and tf != "scheduled":
+        raise UserError(f"train.tf_schedule={t.tf_schedule} moves the ratio from train.tf_start to train.tf_end; "
+                        f"leave train.teacher_forcing at true (or scheduled), not {tf!r}")
+    _fraction("train.tf_start", t.tf_start)
+    _fraction("train.tf_end", t.tf_end)
+    if t.tf_k < 0 or (0 < t.tf_k < 1):
+        raise UserError(f"train.tf_k must be 0 (auto) or at least 1, got {t.tf_k!r}")
+    _one_of("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    _one_of("train.objective", t.objective, OBJECTIVES)
+    _one_of("train.best_metric", t.best_metric, BEST_METRICS)
+    for key in ("lr", "encoder_lr"):
+        if getattr(t, key) <= 0:
+            raise UserError(f"train.{key} must be positive, got {getattr(t, key)!r}")
+    if not 0.0 < t.lr_factor <= 1.0:
+        raise UserError(f"train.lr_factor must be in (0, 1], got {t.lr_factor!r}")
+    _fraction("train.min_lr_ratio", t.min_lr_ratio)
+    for key in ("lr_patience", "warmup_steps", "finetune_after", "patience", "max_length", "weight_decay",
+                "grad_clip", "alpha_c", "max_minutes"):
+        if getattr(t, key) < 0:
+            raise UserError(f"train.{key} must be 0 or more, got {getattr(t, key)!r}")
+    if t.lr_patience < 1:
+        raise UserError(f"train.lr_patience must be at least 1, got {t.lr_patience!r}")
+    if t.log_every < 1:
+        raise UserError(f"train.log_every must be at least 1, got {t.log_every!r}")
+    if t.val_beam < 1:
+        raise UserError(f"train.val_beam must be at least 1, got {t.val_beam!r}")
+    parse_val_every(t.val_every)
+    if t.finetune_after and not m.finetune:
+        raise UserError("train.finetune_after fine-tunes the encoder after N frozen epochs; it needs "
+                        "model.finetune=true (or set train.finetune_after=0)")
+    if t.finetune_after >= t.epochs and t.finetune_after:
+        raise UserError(f"train.finetune_after={t.finetune_after} leaves no fine-tuning epoch within "
+                        f"train.epochs={t.epochs}; lower it or raise train.epochs")
     if cfg.train.amp not in ("auto", "off", "bf16", "fp16", False, True):
         raise UserError(f"train.amp must be auto, off, bf16 or fp16, got {cfg.train.amp!r}")
     if cfg.train.batch_size < 1:
         raise UserError("train.batch_size must be at least 1")
     if cfg.train.epochs < 1:
         raise UserError("train.epochs must be at least 1")
-    if not 0.0 <= cfg.model.dropout < 1.0:
+    nw = cfg.data.num_workers
+    if nw != "auto" and (isinstance(nw, bool) or not isinstance(nw, int) or nw < 0):
+        raise UserError(f"data.num_workers must be auto or a number >= 0, got {nw!r}")
+    if cfg.data.val_max_images < 0:
+        raise UserError(f"data.val_max_images must be 0 (all) or more, got {cfg.data.val_max_images!r}")
+    if not 0.0 <= m.dropout < 1.0:
         raise UserError("model.dropout must be in [0, 1)")
-    if cfg.model.image_size is not None and not isinstance(cfg.model.image_size, int):
-        raise UserError(f"model.image_size must be an integer or null, got {cfg.model.image_size!r}")
-    if not isinstance(cfg.model.pretrained, (bool, str)):
-        raise UserError(f"model.pretrained must be true, false or a path, got {cfg.model.pretrained!r}")
+    if m.channels_last not in ("auto", True, False):
+        raise UserError(f"model.channels_last must be auto, true or false, got {m.channels_last!r}")
+    if m.image_size is not None and (isinstance(m.image_size, bool) or not isinstance(m.image_size, int)
+                                     or m.image_size < 16):
+        raise UserError(f"model.image_size must be an integer >= 16 or null, got {m.image_size!r}")
+    if not isinstance(m.pretrained, (bool, str)):
+        raise UserError(f"model.pretrained must be true, false or a path, got {m.pretrained!r}")
+    if m.grid < 0:
+        raise UserError(f"model.grid must be 0 (no pooling) or more, got {m.grid!r}")
+    for key in ("emb_dim", "att_dim", "dec_dim"):
+        if getattr(m, key) < 1:
+            raise UserError(f"model.{key} must be at least 1, got {getattr(m, key)!r}")
+
+
+def best_metric(cfg: Config) -> str:
+    """The score that picks best.pt: ``train.best_metric``, or the objective's own (auto)."""
+    if cfg.train.best_metric != "auto":
+        return cfg.train.best_metric
+    return "bleu4"
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -13,23 +13,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from capcli.data.dataset import CaptionDataset, collate
+from capcli.data.features import CachedFeatureDataset, collate_cached
 from capcli.decode import beam_search
 from capcli.errors import UserError
-from capcli.metrics import caption_scores, topk_correct
-from capcli.models.decoder import caption_loss
+from capcli.metrics import caption_scores
 
 ProgressFn = Callable[[int, int], None]
-
-
-def autocast_dtype(amp, device: torch.device) -> torch.dtype | None:
-    """Resolve ``train.amp`` for a device: None (full precision), torch.bfloat16 or torch.float16."""
-    if amp not in ("auto", "off", "bf16", "fp16", True, False, None):
-        raise UserError(f"amp {amp!r}: use auto, off, bf16 or fp16")
-    if amp in ("off", False, None) or device.type != "cuda":
-        return None
-    if amp in ("auto", True):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
 @torch.inference_mode()
@@ -55,61 +44,63 @@ def decode_features(model, vocab, feats: torch.Tensor, *, beam_size: int = 3, ma
 def evaluate_model(model, dataset: CaptionDataset, device: torch.device, *, beam_size: int = 3,
                    max_length: int = 0, batch_size: int = 32, num_workers: int = 0,
                    alpha_c: float = 1.0, amp_dtype=None, meteor: bool | None = None,
-                   vocab=None, progress: ProgressFn | None = None) -> dict:
+                   vocab=None, features: str | Path | None = None, score: bool = True,
+                   progress: ProgressFn | None = None) -> dict:
     """Scores of ``model`` on ``dataset``; returns the metrics dict and ``captions`` (COCO results).
 
     ``vocab`` is the model's vocabulary (default: the dataset's). Loss and top-5 need the dataset's
-    encoded captions in the model's vocabulary, so they are None when the two differ.
+    encoded captions in the model's vocabulary, so they are None when the two differ. ``features``:
+    a frozen encoder's feature cache of this split (:mod:`capcli.data.features`), read instead of
+    running the encoder. ``score=False`` decodes and stops (to time a decode).
     """
+    from capcli.training.objectives import XEObjective
+
     model.eval()
     vocab = vocab or dataset.vocab
     teacher_forced = vocab.itos == dataset.vocab.itos
+    objective = XEObjective(model, alpha_c)
     max_length = max_length or dataset.max_length
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate, pin_memory=device.type == "cuda")
+    data = CachedFeatureDataset(dataset, Path(features)) if features is not None else dataset
+    # its own generator: evaluating never draws from the global RNG (a training run resumes exactly)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_cached if features is not None else collate,
+                        pin_memory=device.type == "cuda", generator=torch.Generator())
     hyps: dict[int, str] = {}
-    loss_sum = correct = total = 0
-    n_steps = 0
+    sums = None
     decode_seconds = 0.0
-    done = 0
     for batch in loader:
-        images = batch["images"].to(device, non_blocking=True)
-        captions = batch["captions"].to(device)
-        lengths = batch["lengths"].to(device)
+        regions = batch["regions"].to(device, non_blocking=True) if features is not None else None
+        images = batch["images"].to(device, non_blocking=True) if features is None else None
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            feats = model.encode(images)
+            feats = model.features(images, regions)
         texts, _ = decode_features(model, vocab, feats, beam_size=beam_size, max_length=max_length)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         decode_seconds += time.perf_counter() - t0
         for idx, text in zip(batch["index"].tolist(), texts):
             hyps[idx] = text
-        done += len(texts)
         if progress is not None:
-            progress(done, len(dataset))
-        if not teacher_forced:
+            progress(len(hyps), len(dataset))
+        if not teacher_forced or not score:
             continue
-        # teacher-forced loss and top-5 (what the seed reported), on the sampled captions
+        # teacher-forced loss and top-5 (what the seed reported), with the training objective
+        tf_batch = {"captions": batch["captions"].to(device), "lengths": batch["lengths"].to(device)}
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits, alphas = model.decode_captions(feats, captions)
-        b, k, length = captions.shape
-        targets = captions.reshape(b * k, length)[:, 1:]
-        _, ce, mask = caption_loss(logits, targets, alphas, lengths.reshape(-1), alpha_c)
-        c, t = topk_correct(logits.float(), targets, mask, k=5)
-        correct += c
-        total += t
-        loss_sum += float(ce) * t
-        n_steps += t
+            out = objective(tf_batch, 1.0, feats=feats)
+        sums = out["sums"] if sums is None else sums + out["sums"]
+    if not score:
+        return {"images": len(hyps), "captions_per_s": len(hyps) / max(decode_seconds, 1e-9)}
     references = dataset.references()
     ids = dataset.image_ids()
     refs = {str(i): references[i] for i in hyps}
     scores = caption_scores(refs, {str(i): h for i, h in hyps.items()}, meteor=meteor)
+    tf = XEObjective.summary(sums.tolist()) if sums is not None else {}
     scores.update({
-        "loss": loss_sum / n_steps if teacher_forced and n_steps else None,
-        "top5": correct / total if teacher_forced and total else None,
+        "loss": tf.get("ce"),  # cross-entropy per word, without the attention penalty
+        "top5": tf.get("top5"),
         "images": len(hyps),
         "beam_size": beam_size,
         "captions_per_s": len(hyps) / max(decode_seconds, 1e-9),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -12,14 +13,84 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-console = Console(stderr=False)
-err_console = Console(stderr=True)
+# Outside a terminal (a log file, a pipe, CI) there is no screen width to fit: tables and lines
+# take the width they need instead of rich's default 80 columns, which folds long names.
+LOG_WIDTH = 400
 
 
-def make_progress(quiet: bool = False) -> Progress:
+def _console(stderr: bool) -> Console:
+    c = Console(stderr=stderr)
+    return c if c.is_terminal else Console(stderr=stderr, width=LOG_WIDTH)
+
+
+console = _console(stderr=False)
+err_console = _console(stderr=True)
+
+
+def make_progress(quiet: bool = False):
+    """Progress bars on a terminal; elsewhere (a log file) :class:`PlainProgress` lines."""
+    if not err_console.is_terminal:
+        return PlainProgress(err_console, disable=quiet)
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
     return Progress(*columns, console=err_console, disable=quiet, transient=False)
+
+
+class PlainProgress:
+    """The part of rich's ``Progress`` that capcli uses, as occasional plain lines for logs: a
+    task's line when it starts, at most every ``every`` seconds while it runs, and when it is done.
+    Rich's own bars, redirected, print nothing until the end and then every bar at once."""
+
+    def __init__(self, console: Console, disable: bool = False, every: float = 30.0):
+        self.console, self.disable, self.every = console, disable, every
+        self._tasks: dict[int, dict] = {}
+
+    def __enter__(self) -> "PlainProgress":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for task_id, task in self._tasks.items():
+            if not task["finished"] and task["completed"]:
+                self._line(task_id, final=True)
+        return False
+
+    def add_task(self, description: str, total: float | None = None, completed: float = 0, **fields) -> int:
+        task_id = len(self._tasks)
+        self._tasks[task_id] = {"description": description, "total": total, "completed": completed,
+                                "fields": fields, "start": time.perf_counter(), "last": 0.0, "finished": False}
+        self._line(task_id)
+        return task_id
+
+    def update(self, task_id: int, *, completed: float | None = None, total: float | None = None,
+               description: str | None = None, advance: float | None = None, **fields) -> None:
+        task = self._tasks[task_id]
+        if description is not None:
+            task["description"] = description
+        if total is not None:
+            task["total"] = total
+        if advance is not None:
+            task["completed"] += advance
+        if completed is not None:
+            task["completed"] = completed
+        task["fields"].update(fields)
+        done = task["total"] is not None and task["completed"] >= task["total"]
+        if done and not task["finished"]:
+            self._line(task_id, final=True)
+        elif time.perf_counter() - task["last"] >= self.every:
+            self._line(task_id)
+
+    def _line(self, task_id: int, final: bool = False) -> None:
+        task = self._tasks[task_id]
+        now = time.perf_counter()
+        task["last"] = now
+        task["finished"] = task["finished"] or final
+        if self.disable:
+            return
+        done, total = task["completed"], task["total"]
+        count = f"{done:g}/{total:g}" if total is not None else f"{done:g}"
+        info = task["fields"].get("info", "")
+        self.console.print(f"{task['description']}: {count} {info} [{now - task['start']:.0f} s]".rstrip(),
+                           highlight=False, markup=False)
 
 
 def _json_default(obj: Any):
@@ -62,13 +133,18 @@ def fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> Table:
-    t = Table(title=title, title_justify="left")
+def table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]]):
+    """A titled table. The title is its own line above the table, so a long title never folds
+    into the columns' width (rich wraps a table's own title to the table)."""
+    from rich.console import Group
+    from rich.text import Text
+
+    t = Table()
     for c in columns:
         t.add_column(c, overflow="fold")
     for r in rows:
         t.add_row(*(fmt(v) if not isinstance(v, str) else v for v in r))
-    return t
+    return Group(Text(title, style="italic"), t) if title else t
 
 
 def metrics_table(scores: dict, title: str = "Scores") -> Table:
@@ -90,3 +166,91 @@ def metrics_table(scores: dict, title: str = "Scores") -> Table:
         else:
             rows.append((label, str(v)))
     return table(title, ["metric", "value"], rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorBoard event files, written without TensorFlow or the tensorboard package
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for n in range(256):
+        c = n
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1  # Castagnoli, reflected
+        table.append(c)
+    return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc = _CRC32C[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, wire: int, payload: bytes) -> bytes:
+    key = _varint((number << 3) | wire)
+    if wire == 2:  # length-delimited
+        return key + _varint(len(payload)) + payload
+    return key + payload
+
+
+class EventWriter:
+    """Scalars in TensorBoard's event-file format (TFRecord framing of ``Event`` protos), so that
+    ``tensorboard --logdir runs/`` shows a run's curves. Only scalars, which is all capcli logs.
+
+    Record: length (uint64 LE), masked CRC-32C of the length, the ``Event`` bytes, their masked
+    CRC-32C. ``Event``: wall_time (1, double), step (2, int64), file_version (3) or summary (5)
+    holding ``Value``: tag (1, string), simple_value (2, float).
+    """
+
+    def __init__(self, folder: str | Path):
+        import socket
+        import time
+
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.capcli"
+        self.path = self.folder / name
+        self._f = open(self.path, "ab")
+        self._event(_field(3, 2, b"brain.Event:2"), step=0)
+
+    def _event(self, body: bytes, step: int) -> None:
+        import struct
+        import time
+
+        data = _field(1, 1, struct.pack("<d", time.time())) + _field(2, 0, _varint(int(step))) + body
+        header = struct.pack("<Q", len(data))
+        self._f.write(header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data)))
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        import struct
+
+        value_msg = _field(1, 2, tag.encode()) + _field(2, 5, struct.pack("<f", float(value)))
+        self._event(_field(5, 2, _field(1, 2, value_msg)), step)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()

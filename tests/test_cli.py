@@ -182,6 +182,10 @@ def test_benchmark_study_runs_every_combination_and_resumes(runner, tiny_data, t
     assert all(r["reused"] for r in again) and [r["bleu4"] for r in again] == [r["bleu4"] for r in rows]
     result = invoke(runner, ["benchmark", "study", grid, "--dry-run"])
     assert "lr0.001-tftrue" in result.output
+    from PIL import Image
+
+    with Image.open(out.with_suffix(".png")) as im:  # the paper's figure, beside study.json
+        assert im.format == "PNG" and im.size[0] >= 3 * 360
 
 
 def test_benchmark_prepare_cli(runner, tmp_path):

@@ -17,7 +17,7 @@ from capcli.data.synthetic import records, render, save_png
 from capcli.evaluate import evaluate_model
 from capcli.metrics import caption_scores
 from capcli.models.captioner import captioner_from_checkpoint
-from capcli.train import train
+from capcli.training import train
 
 CPU = torch.device("cpu")
 

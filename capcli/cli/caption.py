@@ -35,7 +35,7 @@ def caption(
     """
     from capcli.caption import caption_files
     from capcli.data.images import find_images
-    from capcli.evaluate import autocast_dtype
+    from capcli.training.runtime import autocast_dtype
     from capcli.models.captioner import captioner_from_checkpoint
 
     if output is not None and output.suffix.lower() not in (".json", ".csv"):

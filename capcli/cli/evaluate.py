@@ -38,7 +38,8 @@ def evaluate(
       capcli evaluate --results captions.json --data data/coco --split test
     """
     from capcli.data.dataset import CaptionDataset
-    from capcli.evaluate import autocast_dtype, evaluate_model, score_results
+    from capcli.evaluate import evaluate_model, score_results
+    from capcli.training.runtime import autocast_dtype
 
     if results is not None:
         if checkpoint is not None:
@@ -60,11 +61,15 @@ def evaluate(
     model, vocab, cfg, ckpt = captioner_from_checkpoint(checkpoint, dev)
     data = data or Path(ckpt.get("data", {}).get("dir", cfg.data.dir))
     dataset = CaptionDataset(data, split, max_images=max_images)
+    amp_dtype = autocast_dtype(cfg.train.amp, dev)
     with make_progress(quiet) as bar:
+        features = None
+        if not cfg.model.finetune and cfg.train.cache_features:  # a frozen encoder: its feature cache
+            features = frozen_features(model, dataset, dev, amp_dtype, batch_size, bar)
         task = bar.add_task(f"beam {beam}", total=len(dataset), info=split)
         scores = evaluate_model(model, dataset, dev, beam_size=beam, max_length=max_length,
                                 batch_size=batch_size, num_workers=workers, alpha_c=cfg.train.alpha_c,
-                                amp_dtype=autocast_dtype(cfg.train.amp, dev), meteor=meteor, vocab=vocab,
+                                amp_dtype=amp_dtype, meteor=meteor, vocab=vocab, features=features,
                                 progress=lambda done, n: bar.update(task, completed=done))
     captions = scores.pop("captions")
     scores.update({"checkpoint": str(checkpoint), "data": str(data), "split": split})
@@ -76,3 +81,22 @@ def evaluate(
     write_json(output.with_name("captions.json"), captions)
     console.print(metrics_table(scores, f"{checkpoint} on {data}, split {split}, beam {beam}"))
     console.print(f"wrote {output} and {output.with_name('captions.json')}")
+
+
+def frozen_features(model, dataset, device, amp_dtype, batch_size: int, bar):
+    """The split's cached features for a model trained with a frozen encoder (made now if
+    missing, beside the training caches, reused by later evaluations); None where the dataset dir
+    cannot be written."""
+    import os
+
+    from capcli.data.features import build_cache, cache_dir, cache_file
+
+    path = cache_file(cache_dir(dataset.dir, model.encoder), dataset)
+    if path.is_file():
+        return path
+    if not os.access(dataset.dir, os.W_OK):
+        return None
+    task = bar.add_task(f"cache {dataset.split} features", total=len(dataset), info="frozen encoder, once")
+    build_cache(model.encoder, dataset, device, path, batch_size=batch_size, amp_dtype=amp_dtype,
+                progress=lambda done, n: bar.update(task, completed=done))
+    return path

@@ -42,7 +42,7 @@ def quickstart(
     from capcli.cli.prepare import run_with_progress
     from capcli.cli.train import training_progress
     from capcli.errors import UserError
-    from capcli.train import train as run_training
+    from capcli.training import train as run_training
 
     dev = resolve_device(device)
     data_dir = out / "data"

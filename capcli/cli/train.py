@@ -30,7 +30,7 @@ def train(
       torchrun --nproc_per_node 4 -m capcli train convnext_small     (one process per GPU)
     """
     from capcli.config import load_config
-    from capcli.train import train as run_training
+    from capcli.training import train as run_training
 
     overrides = list(overrides or [])
     if config is not None and "=" in config:
@@ -53,44 +53,61 @@ def train(
     if int(os.environ.get("RANK", "0")) != 0:
         return
     run_dir = Path(summary["run_dir"])
-    console.print(f"finished ({summary['stop_reason']}) after {summary['epochs_run']} epoch(s), "
-                  f"{summary['seconds']:.0f} s; best val BLEU-4 {100 * max(summary['best_bleu4'], 0):.2f} "
-                  f"at epoch {summary['best_epoch']}")
+    console.print(finished_line(summary))
     console.print(f"run dir: {run_dir}  (checkpoints/best.pt, checkpoints/last.pt, metrics.jsonl, config.yaml)")
 
 
+def finished_line(summary: dict) -> str:
+    metric, best = summary["best_metric"], summary["best_score"]
+    label = {"bleu4": "BLEU-4", "cider": "CIDEr-D"}.get(metric, metric)
+    shown = "-" if best is None else f"{100 * best:.2f}" if metric == "bleu4" else f"{best:.3f}"
+    return (f"finished ({summary['stop_reason']}) after {summary['epochs_run']} epoch(s), "
+            f"{summary['seconds']:.0f} s; best val {label} {shown} at epoch {summary['best_epoch']}")
+
+
 def training_progress(bar, quiet: bool = False, prefix: str = ""):
-    """The train loop's progress events -> rich bars and one line per validated epoch."""
+    """The trainer's progress events -> progress bars and one line per validation."""
     state: dict = {}
+
+    def say(text: str) -> None:
+        if not quiet:
+            bar.console.print(f"{prefix}{text}", highlight=False)
 
     def progress(event: str, **info) -> None:
         if event == "start":
-            if not quiet:
-                bar.console.print(f"{prefix}run dir [bold]{info['run_dir']}[/] | device {info['device']}"
-                                  f" x{info['world']} | {info['train_images']} train / "
-                                  f"{info['val_images']} val images")
+            say(f"run dir {info['run_dir']} | device {info['device']} x{info['world']} | "
+                f"{info['train_images']} train / {info['val_images']} val images | "
+                f"{info['workers']} loader worker(s){' | cached features' if info['cached'] else ''}")
         elif event == "cache":
-            state["cache"] = bar.add_task(f"{prefix}cache features", total=info["images"], info="frozen encoder, once")
+            state["cache"] = bar.add_task(f"{prefix}cache {info['split']} features", total=info["images"],
+                                          info="frozen encoder, once")
         elif event == "cache_step":
             bar.update(state["cache"], completed=info["done"])
         elif event == "epoch_start":
             state["task"] = bar.add_task(f"{prefix}epoch {info['epoch'] + 1}/{info['epochs']}",
-                                         total=info["steps"], info=f"tf {info['tf_ratio']:.2f}")
+                                         total=info["steps"], completed=info["done"],
+                                         info=f"tf {info['tf_ratio']:.2f}")
         elif event == "step":
             bar.update(state["task"], completed=info["step"],
-                       info=f"loss {info['loss']:.3f} top5 {100 * info['top5']:.1f}% "
+                       info=f"loss {info['loss']:.3f} top5 {100 * info['top5']:.1f}% tf {info['tf_ratio']:.2f} "
                             f"{info['samples_per_s']:.0f} samples/s")
         elif event == "validate":
             state["val"] = bar.add_task(f"{prefix}  validate", total=info["images"], info="free-running decode")
         elif event == "validate_step":
             bar.update(state["val"], completed=info["done"])
+        elif event in ("stage", "stop"):
+            say(info["message"])
+        elif event == "lr_cut":
+            say("no better validation score for a while: learning rates now "
+                + ", ".join(f"{lr:.3g}" for lr in info["lrs"]))
         elif event == "epoch_end":
             r = info["record"]
-            if "val_bleu4" in r and not quiet:
-                bar.console.print(
-                    f"{prefix}epoch {r['epoch']}: train loss {r['train_loss']:.3f} | val loss {r['val_loss']:.3f} "
-                    f"top5 {100 * r['val_top5']:.1f}% BLEU-4 {100 * r['val_bleu4']:.2f} "
-                    f"CIDEr {r['val_cider']:.3f} | {r['samples_per_s']:.0f} samples/s | "
-                    f"e.g. \"{r['val_samples'][0] if r['val_samples'] else ''}\"", highlight=False)
+            if "val_bleu4" in r:
+                top5 = "-" if r["val_top5"] is None else f"{100 * r['val_top5']:.1f}%"
+                loss = "-" if r["val_loss"] is None else f"{r['val_loss']:.3f}"
+                say(f"epoch {r['epoch']}: train loss {r['train_loss']:.3f} | val loss {loss} top5 {top5} "
+                    f"BLEU-4 {100 * r['val_bleu4']:.2f} CIDEr {r['val_cider']:.3f} | "
+                    f"{r['samples_per_s']:.0f} samples/s | {r['elapsed_s']:.0f} s | "
+                    f"e.g. \"{r['val_samples'][0] if r['val_samples'] else ''}\"")
 
     return progress

@@ -1,21 +1,28 @@
 """Feature cache for a frozen encoder: each image is encoded once and its region features stored
-beside the dataset under ``features/``, so training the decoder never runs the backbone again.
+beside the dataset under ``features/``, so training the decoder (and validating it) never runs the
+backbone again.
 
-The cache file is named by a fingerprint of everything the features depend on (encoder name,
-weights checksum, grid, image size, split), so a changed encoder never reads stale features.
+``features/<encoder>-<fingerprint>/<split>.h5`` (or ``<split>-first<N>.h5`` for the first N images
+of a split): the fingerprint covers everything the features depend on (encoder name, a checksum of
+its weights, grid, image size), so a changed encoder never reads stale features.
+
+A cache is written to ``<name>.partial`` and renamed when complete, so only finished files are read.
+The partial file records how many images it holds: a stopped pass (a time budget, a kill) continues
+from there; a partial file that cannot be read is started over.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from capcli.data.dataset import CaptionDataset, collate
 
@@ -29,43 +36,83 @@ def encoder_fingerprint(encoder) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_path(dataset: CaptionDataset, encoder) -> Path:
-    return dataset.dir / "features" / f"{encoder.name}-{encoder_fingerprint(encoder)}" / f"{dataset.split}.h5"
+def cache_dir(data_dir: str | Path, encoder) -> Path:
+    """The folder of this encoder's caches in a dataset dir (hashes the weights: call once a run)."""
+    return Path(data_dir) / "features" / f"{encoder.name}-{encoder_fingerprint(encoder)}"
+
+
+def cache_file(folder: Path, dataset: CaptionDataset) -> Path:
+    """The cache of ``dataset`` (a split, perhaps limited to its first images) in ``folder``."""
+    with h5py.File(dataset.path, "r") as f:
+        split_images = int(f["images"].shape[0])
+    suffix = "" if len(dataset) == split_images else f"-first{len(dataset)}"
+    return folder / f"{dataset.split}{suffix}.h5"
+
+
+def _open_partial(tmp: Path, n: int) -> tuple[h5py.File | None, int]:
+    """Reopen a partial cache of ``n`` images for appending: (file, images done), or (None, 0)."""
+    if not tmp.exists():
+        return None, 0
+    try:
+        f = h5py.File(tmp, "a")
+        if "regions" in f and f["regions"].shape[0] == n:
+            return f, int(f.attrs.get("done", 0))
+        f.close()
+    except (OSError, KeyError):  # torn by a kill: start over
+        pass
+    tmp.unlink()
+    return None, 0
 
 
 @torch.inference_mode()
 def build_cache(encoder, dataset: CaptionDataset, device: torch.device, path: Path, *, batch_size: int = 64,
-                amp_dtype=None, progress: Callable[[int, int], None] | None = None) -> Path:
-    """Encode every image of ``dataset`` once into ``path`` (from :func:`cache_path`; float16 on
-    disk); a finished cache is reused."""
+                amp_dtype=None, deadline: float | None = None,
+                progress: Callable[[int, int], None] | None = None) -> bool:
+    """Encode every image of ``dataset`` once into ``path`` (float16 on disk); a finished cache is
+    reused. Returns True when the cache is complete, False when ``deadline`` (a
+    ``time.perf_counter()`` value) came first: the partial file continues on the next call."""
     if path.is_file():
-        return path
+        return True
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".h5.partial")
+    tmp = path.with_name(path.name + ".partial")
+    f, done = _open_partial(tmp, len(dataset))
     was_training = encoder.training
     encoder.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    todo = Subset(dataset, range(done, len(dataset)))
+    # own generator: building a cache never draws from the global RNG (exact resume)
+    loader = DataLoader(todo, batch_size=batch_size, shuffle=False, collate_fn=collate,
+                        generator=torch.Generator())
     try:
-        with h5py.File(tmp, "w") as f:
-            ds = None
-            done = 0
-            for batch in loader:
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    regions = encoder.regions(batch["images"].to(device))
-                arr = regions.float().cpu().numpy().astype(np.float16)
-                if ds is None:
-                    ds = f.create_dataset("regions", (len(dataset), *arr.shape[1:]), dtype="float16",
-                                          chunks=(1, *arr.shape[1:]))
-                ds[done:done + len(arr)] = arr
-                done += len(arr)
-                if progress is not None:
-                    progress(done, len(dataset))
+        if progress is not None:
+            progress(done, len(dataset))
+        for batch in loader:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                regions = encoder.regions(batch["images"].to(device))
+            arr = regions.float().cpu().numpy().astype(np.float16)
+            if f is None:
+                f = h5py.File(tmp, "w")
+                f.create_dataset("regions", (len(dataset), *arr.shape[1:]), dtype="float16",
+                                 chunks=(1, *arr.shape[1:]))
+            f["regions"][done:done + len(arr)] = arr
+            done += len(arr)
+            f.attrs["done"] = done  # after the data: a kill leaves the count at most behind it
+            f.flush()
+            if progress is not None:
+                progress(done, len(dataset))
+            if deadline is not None and time.perf_counter() > deadline and done < len(dataset):
+                return False
+        if f is None:  # an empty split
+            f = h5py.File(tmp, "w")
+            f.create_dataset("regions", (0, 0, 0), dtype="float16")
+        f.attrs["complete"] = True
+        f.close()
+        f = None
         os.replace(tmp, path)
+        return True
     finally:
+        if f is not None:
+            f.close()
         encoder.train(was_training)
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 class CachedFeatureDataset(Dataset):

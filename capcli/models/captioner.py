@@ -22,12 +22,20 @@ class Captioner(nn.Module):
         self.encoder = Encoder(cfg.encoder, cfg.pretrained if pretrained is None else pretrained,
                                grid=cfg.grid, finetune=cfg.finetune,
                                finetune_stages=cfg.finetune_stages, image_size=cfg.image_size,
-                               feature_norm=cfg.feature_norm)
+                               feature_norm=cfg.feature_norm, channels_last=cfg.channels_last)
         self.decoder = Decoder(vocab_size, self.encoder.out_dim, cfg.emb_dim, cfg.att_dim,
                                cfg.dec_dim, cfg.dropout)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder(images)
+
+    def features(self, images: torch.Tensor | None = None, regions: torch.Tensor | None = None) -> torch.Tensor:
+        """Region features (B, P, C) the decoder attends to: from images (B, 3, S, S), or from
+        ``regions`` (B, P, C), a frozen encoder's cached backbone output (the feature norm, which
+        learns with the decoder, is applied here)."""
+        if regions is not None:
+            return self.encoder.feature_norm(regions.float())
+        return self.encode(images)
 
     def forward(self, images: torch.Tensor | None, captions: torch.Tensor, tf_ratio: float = 1.0,
                 regions: torch.Tensor | None = None):
@@ -36,11 +44,7 @@ class Captioner(nn.Module):
 
         ``regions`` (B, P, C): cached backbone features of a frozen encoder, used instead of images.
         """
-        if regions is not None:
-            feats = self.encoder.feature_norm(regions.float())
-        else:
-            feats = self.encode(images)
-        return self.decode_captions(feats, captions, tf_ratio)
+        return self.decode_captions(self.features(images, regions), captions, tf_ratio)
 
     def decode_captions(self, feats: torch.Tensor, captions: torch.Tensor, tf_ratio: float = 1.0):
         b, k, length = captions.shape

@@ -1,0 +1,547 @@
+"""The training recipe: ``Trainer(cfg, device).fit()``.
+
+setup (data, model, objective, optimizer, schedules, restore) -> per epoch ``train_epoch`` (steps,
+with ``validate`` every ``train.val_every``) -> ``save_checkpoint`` -> cleanup. One process or
+many (torchrun/DDP); only rank 0 validates and writes files.
+
+Budgets: ``train.max_minutes`` bounds the whole run from its first second (cache pass, epochs,
+validation). The trainer keeps back what a validation and a checkpoint take (measured, or probed
+before the first validation), stops stepping when only that is left, validates the weights it has,
+saves ``last.pt`` and ``best.pt`` and ends inside the budget.
+
+Resume is exact: a checkpoint holds the weights, optimizer, schedules, RNG states and where in the
+epoch it was taken; the data order of an epoch depends only on the seed and the epoch, so a
+resumed run (even from the middle of an epoch) repeats the uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+import capcli
+from capcli import checkpoint
+from capcli.config import Config, best_metric, config_from_dict, parse_val_every, save_config
+from capcli.data.dataset import CaptionDataset, collate
+from capcli.data.features import CachedFeatureDataset, build_cache, cache_dir, cache_file, collate_cached
+from capcli.errors import UserError
+from capcli.evaluate import evaluate_model
+from capcli.models.captioner import Captioner
+from capcli.training.objectives import TrainStep, build_objective
+from capcli.training.runtime import (Dist, all_reduce_sum, autocast_dtype, broadcast_from_main,
+                                     cleanup_distributed, resolve_num_workers, seed_everything,
+                                     setup_distributed)
+from capcli.training.schedules import LRSchedule, tf_ratio
+
+ProgressFn = Callable[..., None]
+VAL_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "rouge_l")
+
+
+def new_run_dir(cfg: Config) -> Path:
+    """runs/NAME, or runs/NAME-2, -3 ... when taken (unless run.overwrite)."""
+    base = Path(cfg.run.dir) / cfg.run.name
+    if cfg.run.overwrite or not base.exists():
+        return base
+    n = 2
+    while (base.parent / f"{base.name}-{n}").exists():
+        n += 1
+    return base.parent / f"{base.name}-{n}"
+
+
+class EpochSampler(Sampler[int]):
+    """The image order of an epoch: a permutation seeded by (seed, epoch) alone, split across ranks
+    as DistributedSampler does (padded to an even split), able to start after ``skip`` items, so
+    that a run resumed in the middle of an epoch sees the rest of the same order."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.per_rank = -(-n // world)
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        order += order[: self.per_rank * self.world - self.n]  # pad: every rank gets as many
+        return iter(order[self.rank::self.world][self.skip:])
+
+    def __len__(self) -> int:
+        return max(0, self.per_rank - self.skip)
+
+
+class Trainer:
+    """Train ``cfg`` on ``device``; ``resume`` (a run dir or checkpoint) continues a run instead.
+
+    ``progress(event, **info)`` receives: start, cache, cache_step, stage, epoch_start, step,
+    validate, validate_step, epoch_end (a metrics record), stop.
+    """
+
+    def __init__(self, cfg: Config | None, device: torch.device, *, resume: str | Path | None = None,
+                 progress: ProgressFn | None = None):
+        self.clock = time.perf_counter  # every duration the trainer measures (a test may swap it)
+        self.t0 = self.clock()  # the budget counts from here
+        self.emit = progress or (lambda *a, **k: None)
+        self.d, self.device = setup_distributed(device)
+        self.ckpt = None
+        if resume is not None:
+            self.run_dir, last = self._resume_paths(Path(resume))
+            self.ckpt = checkpoint.load(last, map_location="cpu")
+            cfg = config_from_dict(self.ckpt["config"])
+        else:
+            self.run_dir = new_run_dir(cfg)
+        self.cfg = cfg
+        self.budget = cfg.train.max_minutes * 60 if cfg.train.max_minutes else math.inf
+        self.metric = best_metric(cfg)
+        self.stop_signal: str | None = None
+        self.tb = None
+        self.history: list[dict] = []
+
+    @staticmethod
+    def _resume_paths(path: Path) -> tuple[Path, Path]:
+        if path.is_file():
+            return path.parent.parent, path
+        last = path / "checkpoints" / "last.pt"
+        if not last.is_file():
+            raise UserError(f"cannot resume {path}: no checkpoints/last.pt there")
+        return path, last
+
+    # ------------------------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        cfg, d = self.cfg, self.d
+        seed_everything(cfg.seed)  # the same initial weights on every rank (and feature-cache name)
+        self._setup_data()
+        self._setup_model()
+        seed_everything(cfg.seed + d.rank)  # different dropout on each rank
+        self._restore_counters()
+        # the stage the checkpoint was in (the switch to fine-tuning happens as an epoch starts)
+        self.frozen_stage = self.ckpt.get("frozen_stage", self._frozen_at(self.epoch)) if self.ckpt else \
+            self._frozen_at(self.epoch)
+        if self.frozen_stage and cfg.model.finetune:  # finetune_after: the first epochs are frozen
+            self.model.encoder.set_trainable(False)
+        self._setup_optimizer()
+        self._restore_states()
+        self.use_cache = self.frozen_stage and cfg.train.cache_features
+        if self.use_cache and not self._build_caches():
+            return
+        self._setup_loader()
+        self._wrap()
+        if d.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            self._setup_tensorboard()
+        if d.world > 1:
+            torch.distributed.barrier()
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        self.train_set = CaptionDataset(cfg.data.dir, cfg.data.train_split)
+        self.val_set = CaptionDataset(cfg.data.dir, cfg.data.val_split, max_images=cfg.data.val_max_images)
+        self.vocab = self.train_set.vocab
+        k = self.train_set.captions_per_image
+        self.images_per_batch = max(1, cfg.train.batch_size // k)
+        self.max_length = cfg.train.max_length or self.train_set.max_length
+        self.num_workers = resolve_num_workers(cfg.data.num_workers, self.d)
+        self.steps_per_epoch = -(-(-(-len(self.train_set) // self.d.world)) // self.images_per_batch)
+        self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        self.data_info = {"image_size": self.train_set.image_size,
+                          "resize": self.train_set.manifest.get("resize", "squash"),
+                          "max_length": self.train_set.max_length, "dir": str(cfg.data.dir)}
+
+    def _setup_model(self) -> None:
+        cfg = self.cfg
+        self.model = Captioner(cfg.model, len(self.vocab), pretrained=False if self.ckpt else None).to(self.device)
+        self.objective = build_objective(cfg, self.model, self.train_set)
+        self.amp_dtype = autocast_dtype(cfg.train.amp, self.device)
+
+    def _setup_optimizer(self) -> None:
+        t = self.cfg.train
+        self.optimizer = torch.optim.Adam(self.model.trainable_groups(t.lr, t.encoder_lr), weight_decay=t.weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.schedule = LRSchedule(t, self.optimizer, self.total_steps)
+
+    def _restore_counters(self) -> None:
+        """Fresh counters, or where the checkpoint stopped."""
+        self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
+        self.best, self.best_epoch, self.bad_validations = -math.inf, 0, 0
+        self.epoch_sums = torch.zeros(len(self.objective.sum_names), dtype=torch.float64, device=self.device)
+        self.epoch_samples, self.epoch_seconds = 0, 0.0
+        ck = self.ckpt
+        if ck is not None:
+            self.epoch, self.step = int(ck["epoch"]), int(ck["step"])
+            self.batch_in_epoch = int(ck.get("batch_in_epoch", 0))
+            best = ck.get("best_score")
+            self.best = -math.inf if best is None or best < -1e300 else float(best)
+            self.best_epoch = ck.get("best_epoch", 0)
+            self.bad_validations = int(ck.get("bad_validations", 0))
+            if self.batch_in_epoch:  # the partial epoch's running numbers
+                self.epoch_sums = torch.tensor(ck["epoch_sums"], dtype=torch.float64, device=self.device)
+                self.epoch_samples, self.epoch_seconds = int(ck["epoch_samples"]), float(ck["epoch_seconds"])
+        self.start_epoch = self.epoch
+
+    def _restore_states(self) -> None:
+        """Weights, optimizer, schedules and RNG states from the checkpoint (exact resume)."""
+        ck = self.ckpt
+        if ck is None:
+            return
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        if ck.get("scaler"):
+            self.scaler.load_state_dict(ck["scaler"])
+        if ck.get("lr_schedule"):
+            self.schedule.load_state_dict(ck["lr_schedule"])
+        checkpoint.set_rng_state(ck["rng"])
+
+    def _frozen_at(self, epoch: int) -> bool:
+        return not self.cfg.model.finetune or epoch < self.cfg.train.finetune_after
+
+    def _build_caches(self) -> bool:
+        """Encode the train and val images once (rank 0). False when the budget ran out first."""
+        folder = cache_dir(self.cfg.data.dir, self.model.encoder)
+        self.train_cache = cache_file(folder, self.train_set)
+        self.val_cache = cache_file(folder, self.val_set)
+        complete = True
+        if self.d.main:
+            deadline = time.perf_counter() + self.budget - self.elapsed() if math.isfinite(self.budget) else None
+            for split, ds, path in (("train", self.train_set, self.train_cache), ("val", self.val_set, self.val_cache)):
+                if path.is_file():
+                    continue
+                self.emit("cache", split=ds.split, images=len(ds))
+                complete = build_cache(self.model.encoder, ds, self.device, path,
+                                       batch_size=max(self.images_per_batch, 32), amp_dtype=self.amp_dtype,
+                                       deadline=deadline,
+                                       progress=lambda done, n: self.emit("cache_step", done=done, total=n))
+                if not complete:
+                    break
+        complete = bool(broadcast_from_main([float(complete)], self.d, self.device)[0])
+        if not complete:
+            self.stop_reason = "max_minutes"
+            self.emit("stop", reason="max_minutes", message=(
+                "the time budget ran out while caching encoder features; rerun to continue the cache "
+                f"where it stopped ({self.train_cache.parent})"))
+        return complete
+
+    def _setup_loader(self) -> None:
+        data = CachedFeatureDataset(self.train_set, self.train_cache) if self.use_cache else self.train_set
+        self.sampler = EpochSampler(len(self.train_set), self.cfg.seed, self.d.rank, self.d.world)
+        self.loader = DataLoader(
+            data, batch_size=self.images_per_batch, sampler=self.sampler, num_workers=self.num_workers,
+            collate_fn=collate_cached if self.use_cache else collate, pin_memory=self.device.type == "cuda",
+            # its own generator: making iterators never draws from the global RNG (exact resume)
+            generator=torch.Generator(), persistent_workers=self.num_workers > 0)
+
+    def _wrap(self) -> None:
+        """The objective, in DDP when several processes train; and the step that drives it."""
+        task = self.objective
+        if self.d.world > 1:
+            task = torch.nn.parallel.DistributedDataParallel(
+                self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.task = task
+        self.train_step = TrainStep(task, self.optimizer, self.scaler, self.device, self.amp_dtype,
+                                    self.cfg.train.grad_clip)
+
+    def _setup_tensorboard(self) -> None:
+        if self.cfg.log.tensorboard:
+            from capcli.report import EventWriter
+
+            self.tb = EventWriter(self.run_dir / "tensorboard")
+
+    def _unfreeze(self) -> None:
+        """End of ``finetune_after``: train the encoder's configured stages at ``encoder_lr``, from images."""
+        m, t = self.cfg.model, self.cfg.train
+        self.model.encoder.set_trainable(True, m.finetune_stages)
+        enc = [p for p in self.model.encoder.backbone.parameters() if p.requires_grad]
+        group = {"params": enc, "lr": t.encoder_lr, "name": "encoder"}
+        self.optimizer.add_param_group(group)
+        self.schedule.add_group(self.optimizer.param_groups[-1])
+        self.frozen_stage = self.use_cache = False
+        self._setup_loader()
+        self._wrap()
+        self.emit("stage", epoch=self.epoch, message=f"epoch {self.epoch + 1}: fine-tuning the encoder "
+                  f"({'all stages' if not m.finetune_stages else f'last {m.finetune_stages} stage(s)'}) "
+                  f"at lr {t.encoder_lr:g}")
+
+    # ------------------------------------------------------------------------------------ loop
+
+    def elapsed(self) -> float:
+        return self.clock() - self.t0
+
+    def fit(self) -> dict:
+        self.stop_reason = "epochs"
+        self.setup()
+        if self.stop_reason != "epochs":  # the budget ended in the cache pass
+            return self._finish()
+        cfg = self.cfg
+        self.val_n, self.val_unit = parse_val_every(cfg.train.val_every)
+        self.val_seconds = self._probe_validation() if math.isfinite(self.budget) else 0.0
+        self.save_seconds = 0.0
+        self.step_seconds = 0.0
+        self.emit("start", run_dir=str(self.run_dir), epochs=cfg.train.epochs, start_epoch=self.epoch,
+                  steps_per_epoch=self.steps_per_epoch, device=str(self.device), world=self.d.world,
+                  train_images=len(self.train_set), val_images=len(self.val_set),
+                  workers=self.num_workers, cached=self.use_cache)
+        with self._signals():
+            while self.epoch < cfg.train.epochs and self.stop_reason == "epochs":
+                if self.frozen_stage and cfg.model.finetune and not self._frozen_at(self.epoch):
+                    self._unfreeze()
+                self.train_epoch()
+        return self._finish()
+
+    def _finish(self) -> dict:
+        if self.tb is not None:
+            self.tb.close()
+        cleanup_distributed(self.d)
+        best = self.best if math.isfinite(self.best) else None
+        return {"run_dir": str(self.run_dir), "best_metric": self.metric, "best_score": best,
+                "best_epoch": self.best_epoch, "epochs_run": self.epoch - self.start_epoch,
+                "stop_reason": self.stop_reason, "history": self.history, "seconds": round(self.elapsed(), 2)}
+
+    def train_epoch(self) -> None:
+        """The rest of the current epoch (all of it unless resumed midway), validating on schedule;
+        stops early for the budget, a signal or early stopping (``self.stop_reason``)."""
+        cfg, d = self.cfg, self.d
+        self.sampler.set_epoch(self.epoch, self.batch_in_epoch * self.images_per_batch)
+        self.model.train()
+        ratio = tf_ratio(cfg.train, self.step, self.total_steps)
+        self.emit("epoch_start", epoch=self.epoch, epochs=cfg.train.epochs, steps=self.steps_per_epoch,
+                  done=self.batch_in_epoch, tf_ratio=ratio)
+        t_last = self.clock()
+        for batch in self.loader:
+            stop = self._stop_now()
+            if stop == "signal":  # pre-emption: save where we are, quickly, and go
+                self.stop_reason = stop
+                self.save_checkpoint("last.pt")
+                self.emit("stop", reason=stop, message=f"stopped by {self.stop_signal} at step {self.step}; "
+                          f"last.pt saved: `capcli train --resume {self.run_dir}` continues it")
+                return
+            if stop == "max_minutes":  # one more step would eat into the final validation's time
+                self.stop_reason = stop
+                self._end_of_stretch(ratio, validate=True)
+                return
+            ratio = tf_ratio(cfg.train, self.step, self.total_steps)
+            self.schedule.step(self.step)
+            out = self.train_step(self._to_device(batch), ratio)
+            self.epoch_sums += out["sums"]
+            self.epoch_samples += out["samples"]
+            self.step += 1
+            self.batch_in_epoch += 1
+            now = self.clock()
+            self.step_seconds = now - t_last  # the last step: what one more would take
+            self.epoch_seconds += now - t_last
+            t_last = now
+            if self.batch_in_epoch % cfg.train.log_every == 0 or self.batch_in_epoch == self.steps_per_epoch:
+                self._report_step(ratio)
+            if self.val_unit == "steps" and self.step % self.val_n == 0 and self.batch_in_epoch < self.steps_per_epoch:
+                self._end_of_stretch(ratio, validate=True)
+                if self.stop_reason != "epochs":  # early stopping
+                    return
+                self.model.train()
+                t_last = self.clock()
+        # the epoch is complete: validate on schedule, at the end, or when the budget says stop
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        stop = self._stop_now(force_sync=True) if self.epoch < cfg.train.epochs else None
+        validate = stop != "signal" and (self.epoch >= cfg.train.epochs or stop == "max_minutes" or (
+            self.val_unit == "epochs" and self.epoch % self.val_n == 0) or (
+            self.val_unit == "steps" and self.step % self.val_n == 0))
+        self._end_of_stretch(ratio, validate=validate, epoch_done=True)
+        if stop is not None and self.stop_reason == "epochs":
+            self.stop_reason = stop
+
+    def _to_device(self, batch: dict) -> dict:
+        longest = int(batch["lengths"].max())  # trim padding past the batch's longest caption
+        out = {"captions": batch["captions"][:, :, :longest].to(self.device, non_blocking=True),
+               "lengths": batch["lengths"].to(self.device, non_blocking=True), "index": batch["index"]}
+        for key in ("images", "regions"):
+            if key in batch:
+                out[key] = batch[key].to(self.device, non_blocking=True)
+        return out
+
+    def _report_step(self, ratio: float) -> None:
+        s = self.epoch_sums.tolist()
+        if not math.isfinite(s[0]):
+            raise UserError(f"loss became {s[0]} at step {self.step} (epoch {self.epoch + 1}); "
+                            "lower train.lr or use train.amp=off")
+        self.emit("step", epoch=self.epoch, step=self.batch_in_epoch, steps=self.steps_per_epoch,
+                  **self.objective.summary(s), tf_ratio=ratio,
+                  samples_per_s=self.epoch_samples * self.d.world / max(self.epoch_seconds, 1e-9))
+
+    def _stop_now(self, force_sync: bool = False) -> str | None:
+        """"signal" (SIGTERM/SIGINT came), "max_minutes" (the budget would be passed), or None.
+        With several processes rank 0 decides for all, every ``log_every`` steps (a broadcast)."""
+        reason = "signal" if self.stop_signal else "max_minutes" if self._out_of_time() else None
+        if self.d.world == 1:
+            return reason
+        if not force_sync and self.batch_in_epoch % self.cfg.train.log_every:
+            return None
+        codes = [None, "signal", "max_minutes"]
+        return codes[int(broadcast_from_main([float(codes.index(reason))], self.d, self.device)[0])]
+
+    def _out_of_time(self) -> bool:
+        """True when the steps until the next check, then a validation and a checkpoint, would
+        pass the budget."""
+        if not math.isfinite(self.budget):
+            return False
+        steps = 1 if self.d.world == 1 else self.cfg.train.log_every
+        reserve = self.val_seconds + 2 * self.save_seconds + steps * self.step_seconds
+        return self.elapsed() + reserve + 0.01 * self.budget > self.budget
+
+    def _end_of_stretch(self, ratio: float, *, validate: bool, epoch_done: bool = False) -> None:
+        """Write a metrics record (validated or not) and checkpoints; decide early stopping."""
+        cfg, d = self.cfg, self.d
+        sums = all_reduce_sum(self.epoch_sums.tolist(), d, self.device)
+        samples = all_reduce_sum([float(self.epoch_samples)], d, self.device)[0]
+        fraction = self.batch_in_epoch / self.steps_per_epoch
+        record = {"epoch": self.epoch if epoch_done else round(self.epoch + fraction, 4), "step": self.step,
+                  **{f"train_{k}": v for k, v in self.objective.summary(sums).items()},
+                  "tf_ratio": ratio, "samples_per_s": samples / max(self.epoch_seconds, 1e-9),
+                  "lr": self.optimizer.param_groups[0]["lr"],
+                  "encoder_lr": next((g["lr"] for g in self.optimizer.param_groups if g.get("name") == "encoder"), 0.0),
+                  "train_seconds": round(self.epoch_seconds, 2)}
+        improved = False
+        if validate and d.main:
+            scores = self.validate()
+            record.update({f"val_{k}": scores[k] for k in ("loss", "top5", *VAL_KEYS)})
+            record.update({"val_beam": cfg.train.val_beam, "val_samples": [c["caption"] for c in scores["captions"][:3]]})
+            improved = scores[self.metric] > self.best
+            if improved:
+                self.best, self.best_epoch = scores[self.metric], record["epoch"]
+        if validate:
+            improved = bool(broadcast_from_main([float(improved)], d, self.device)[0])
+            self.bad_validations = 0 if improved else self.bad_validations + 1
+            if self.schedule.validated(improved):
+                self.emit("lr_cut", lrs=[g["lr"] for g in self.optimizer.param_groups])
+        if math.isfinite(self.best):
+            record[f"best_{self.metric}"] = self.best
+        record["elapsed_s"] = round(self.elapsed(), 2)
+        if epoch_done:
+            self.epoch_sums.zero_()
+            self.epoch_samples, self.epoch_seconds = 0, 0.0
+        if d.main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self._log_tensorboard(record)
+            t0 = self.clock()
+            self.save_checkpoint("last.pt")
+            if improved:
+                self.save_checkpoint("best.pt")
+            self.save_seconds = max(self.save_seconds, self.clock() - t0)
+        self.history.append(record)
+        self.emit("epoch_end", record=record)
+        if validate and cfg.train.patience and self.bad_validations >= cfg.train.patience:
+            self.stop_reason = "early_stopping"
+
+    def _log_tensorboard(self, record: dict) -> None:
+        if self.tb is None:
+            return
+        names = {"train_loss": "train/loss", "train_top5": "train/top5", "val_loss": "val/loss",
+                 "val_top5": "val/top5", "val_bleu4": "val/bleu4", "val_cider": "val/cider", "lr": "lr/decoder",
+                 "encoder_lr": "lr/encoder", "tf_ratio": "train/tf_ratio", "samples_per_s": "train/samples_per_s"}
+        for key, tag in names.items():
+            if isinstance(record.get(key), (int, float)):
+                self.tb.scalar(tag, float(record[key]), self.step)
+        self.tb.flush()
+
+    # ------------------------------------------------------------------------------------ validation
+
+    def validate(self) -> dict:
+        """Free-running decoding of the val split (rank 0): every caption score, plus the
+        teacher-forced loss and top-5. Timed, to keep back enough of a budget for the next one."""
+        t0 = self.clock()
+        self.emit("validate", epoch=self.epoch, images=len(self.val_set))
+        scores = evaluate_model(
+            self.model, self.val_set, self.device, beam_size=self.cfg.train.val_beam, max_length=self.max_length,
+            batch_size=max(self.images_per_batch, 16), alpha_c=self.cfg.train.alpha_c, amp_dtype=self.amp_dtype,
+            meteor=False, features=self.val_cache if self.use_cache else None,
+            progress=lambda done, n: self.emit("validate_step", done=done, total=n))
+        self.val_seconds = self.clock() - t0
+        return scores
+
+    def _probe_validation(self) -> float:
+        """Seconds a validation will take, before the first one: decode one batch and scale up."""
+        if not self.d.main:
+            return 0.0
+        from capcli.data.dataset import CaptionDataset
+
+        n = min(len(self.val_set), max(self.images_per_batch, 16))
+        probe = CaptionDataset(self.cfg.data.dir, self.cfg.data.val_split, max_images=n)
+        t0 = self.clock()
+        evaluate_model(self.model, probe, self.device, beam_size=self.cfg.train.val_beam,
+                       max_length=self.max_length, batch_size=n, amp_dtype=self.amp_dtype, meteor=False,
+                       features=self.val_cache if self.use_cache else None, score=False)
+        self.model.train()
+        return (self.clock() - t0) * len(self.val_set) / max(n, 1) * 1.2 + 1.0
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, name: str) -> None:
+        """Everything an exact resume needs, written atomically (rank 0)."""
+        if not self.d.main:
+            return
+        checkpoint.save({
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "lr_schedule": self.schedule.state_dict(),
+            "config": self.cfg.to_dict(),
+            "vocab": self.vocab.itos,
+            "data": self.data_info,
+            "epoch": self.epoch,  # completed epochs
+            "batch_in_epoch": self.batch_in_epoch,  # steps of the current epoch already done
+            "frozen_stage": self.frozen_stage,  # encoder still frozen (train.finetune_after)
+            "epoch_sums": self.epoch_sums.tolist(),
+            "epoch_samples": self.epoch_samples,
+            "epoch_seconds": self.epoch_seconds,
+            "step": self.step,
+            "best_metric": self.metric,
+            "best_score": self.best if math.isfinite(self.best) else None,
+            "best_epoch": self.best_epoch,
+            "bad_validations": self.bad_validations,
+            "rng": checkpoint.rng_state(),
+            "capcli_version": capcli.__version__,
+            "torch_version": str(torch.__version__),
+        }, self.run_dir / "checkpoints" / name)
+
+    # ------------------------------------------------------------------------------------ signals
+
+    def _signals(self):
+        """SIGTERM (a scheduler's pre-emption) and SIGINT: finish the step, save last.pt, return."""
+        trainer = self
+
+        class _Handler:
+            def __enter__(self):
+                self.old = {}
+                if threading.current_thread() is not threading.main_thread():
+                    return self
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    self.old[sig] = signal.signal(sig, self.handle)
+                return self
+
+            def handle(self, signum, frame):
+                if trainer.stop_signal is not None:  # a second Ctrl-C: stop now
+                    raise KeyboardInterrupt
+                trainer.stop_signal = signal.Signals(signum).name
+
+            def __exit__(self, *exc):
+                for sig, old in self.old.items():
+                    signal.signal(sig, old)
+                return False
+
+        return _Handler()
+
+
+def train(cfg: Config | None, device: torch.device, *, resume: str | Path | None = None,
+          progress: ProgressFn | None = None) -> dict:
+    """Train ``cfg`` (or resume a run); returns a summary dict (run dir, best score, stop reason)."""
+    return Trainer(cfg, device, resume=resume, progress=progress).fit()
