@@ -210,3 +210,24 @@ def test_checkpoint_that_does_not_fit_the_model_is_a_user_error(runner, tiny_run
     torch.save(ckpt, old)
     result = invoke(runner, ["evaluate", old, "--data", tiny_data, "--device", "cpu"], code=1)
     assert "does not fit" in result.output and "Traceback" not in result.output
+
+
+def test_evaluate_a_frozen_encoder_caches_the_test_features(runner, tiny_data, tmp_path):
+    """A model trained on a frozen encoder is scored from the split's feature cache (made on the
+    first evaluation, beside the training caches), with the same numbers as from the images."""
+    from capcli.data.dataset import CaptionDataset
+    from capcli.evaluate import evaluate_model
+    from capcli.models.captioner import captioner_from_checkpoint
+
+    invoke(runner, ["train", "tiny", f"data.dir={tiny_data}", f"run.dir={tmp_path}", "run.name=fz",
+                    "model.finetune=false", *TINY_OVERRIDES, "data.val_max_images=2", "--device", "cpu", "-q"])
+    out = tmp_path / "ev" / "eval.json"
+    invoke(runner, ["evaluate", tmp_path / "fz", "--data", tiny_data, "--split", "test", "--beam", 2,
+                    "--output", out, "--device", "cpu", "-q", "--no-meteor"])
+    assert len(list((tiny_data / "features").glob("convnext_atto-*/test.h5"))) == 1
+    cached = json.loads(out.read_text())
+    model, vocab, cfg, _ = captioner_from_checkpoint(tmp_path / "fz")
+    direct = evaluate_model(model, CaptionDataset(tiny_data, "test"), torch.device("cpu"), beam_size=2,
+                            alpha_c=cfg.train.alpha_c, meteor=False)
+    assert cached["loss"] == pytest.approx(direct["loss"], rel=1e-2)  # float16 features on disk
+    assert cached["images"] == direct["images"]
