@@ -16,6 +16,7 @@ from capcli.evaluate import generate
 def caption_files(model, vocab, files: list[Path], device: torch.device, *, image_size: int,
                   resize: str = "squash", beam_size: int = 3, max_length: int = 50,
                   batch_size: int = 16, attention_dir: Path | None = None, amp_dtype=None,
+                  block_ngrams: int = 0, sample: dict | None = None,
                   progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """One row per file: ``file``, ``caption`` (None if unreadable), ``error``, ``attention_map``."""
     model.eval()
@@ -32,7 +33,8 @@ def caption_files(model, vocab, files: list[Path], device: torch.device, *, imag
         if arrays:
             images = torch.from_numpy(np.stack(arrays)).to(device)
             texts, result = generate(model, vocab, images, beam_size=beam_size, max_length=max_length,
-                                     return_alphas=attention_dir is not None, amp_dtype=amp_dtype)
+                                     return_alphas=attention_dir is not None, amp_dtype=amp_dtype,
+                                     block_ngrams=block_ngrams, sample=sample)
             for j, (f, text) in enumerate(zip(ok, texts)):
                 row = {"file": str(f), "caption": text, "error": None}
                 if attention_dir is not None:

@@ -55,7 +55,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 5.0  # clip gradients by value at +-grad_clip, as Show-Attend-Tell (0 = off)
     alpha_c: float = 1.0  # weight of the doubly stochastic attention regularisation
-    objective: str = "xe"  # xe: cross-entropy + doubly stochastic attention
+    objective: str = "xe"  # xe: cross-entropy + doubly stochastic attention | scst: self-critical, reward CIDEr-D
+    init_from: Any = None  # a run dir or checkpoint whose weights start this run (fresh optimizer): xe, then scst
+    scst_samples: int = 5  # scst: captions sampled per image
+    scst_baseline: str = "mean"  # scst: mean (of the image's other samples, Luo 2020) | greedy (its greedy caption's reward)
     # teacher forcing: the share of steps that read the ground-truth word (else the model's own argmax)
     teacher_forcing: Any = True  # true (1) | false (0) | a ratio in [0, 1] | scheduled (= tf_schedule linear)
     tf_schedule: str = "constant"  # constant (teacher_forcing) | linear | inverse_sigmoid: tf_start -> tf_end, per step
@@ -69,7 +72,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0  # cosine: the rate decays to this fraction of the initial one
     finetune_after: int = 0  # epochs on a frozen encoder (on the feature cache) before fine-tuning it (0 = from the start)
     amp: Any = "auto"  # mixed precision: auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16
-    best_metric: str = "auto"  # bleu4 | cider: picks best.pt, early stopping and plateau (auto: bleu4 for xe)
+    best_metric: str = "auto"  # bleu4 | cider: picks best.pt, early stopping and plateau (auto: bleu4 for xe, cider for scst)
     patience: int = 0  # early stopping: validations without a better best_metric (0 = never stop early)
     cache_features: bool = True  # frozen encoder: encode each image once into DATA/features/, train on the cache
     val_every: Any = 1  # validate every N epochs (an int) or every N steps ("500 steps"); and at the end
@@ -227,7 +230,8 @@ def config_from_dict(data: dict) -> Config:
 
 TF_SCHEDULES = ("constant", "linear", "inverse_sigmoid")
 LR_SCHEDULES = ("none", "plateau", "cosine")
-OBJECTIVES = ("xe",)
+OBJECTIVES = ("xe", "scst")
+SCST_BASELINES = ("mean", "greedy")
 BEST_METRICS = ("auto", "bleu4", "cider")
 
 
@@ -279,6 +283,12 @@ def validate(cfg: Config) -> None:
     _one_of("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
     _one_of("train.objective", t.objective, OBJECTIVES)
     _one_of("train.best_metric", t.best_metric, BEST_METRICS)
+    _one_of("train.scst_baseline", t.scst_baseline, SCST_BASELINES)
+    if t.scst_samples < 1 or (t.scst_baseline == "mean" and t.scst_samples < 2):
+        raise UserError(f"train.scst_samples must be at least {2 if t.scst_baseline == 'mean' else 1} "
+                        f"(the mean baseline averages the other samples of an image), got {t.scst_samples}")
+    if t.init_from is not None and not isinstance(t.init_from, str):
+        raise UserError(f"train.init_from must be a run dir or checkpoint path, got {t.init_from!r}")
     for key in ("lr", "encoder_lr"):
         if getattr(t, key) <= 0:
             raise UserError(f"train.{key} must be positive, got {getattr(t, key)!r}")
@@ -333,7 +343,7 @@ def best_metric(cfg: Config) -> str:
     """The score that picks best.pt: ``train.best_metric``, or the objective's own (auto)."""
     if cfg.train.best_metric != "auto":
         return cfg.train.best_metric
-    return "bleu4"
+    return "cider" if cfg.train.objective == "scst" else "bleu4"
 
 
 def save_config(cfg: Config, path: Path) -> None:

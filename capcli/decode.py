@@ -1,9 +1,12 @@
-"""Greedy and batched beam search over the decoder: pure tensor code, no Python loop over images.
+"""Greedy, batched beam search and sampling over the decoder: pure tensor code, no Python loop
+over images.
 
 A beam that emits <end> is frozen (it can only continue with <pad> at no cost) and keeps its slot;
 beams still open after ``max_length`` words are closed there at no cost (truncated), so a caption
-is always produced and never exceeds ``max_length`` words.
-Greedy decoding is beam search with ``beam_size=1``.
+is always produced and never exceeds ``max_length`` words. ``block_ngrams=N`` forbids any word that
+would repeat an N-gram already in the caption.
+Greedy decoding is beam search with ``beam_size=1``. :func:`sample` draws captions from the
+model's distribution (temperature, top-k), as self-critical training and varied captions need.
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ class DecodeResult:
 @torch.inference_mode()
 def beam_search(decoder: Decoder, feats: torch.Tensor, *, start: int, end: int, pad: int = 0,
                 beam_size: int = 3, max_length: int = 50, length_penalty: float = 0.0,
-                return_alphas: bool = False) -> DecodeResult:
+                block_ngrams: int = 0, return_alphas: bool = False) -> DecodeResult:
     """Decode a batch of images.
 
     Args:
         feats: (B, P, E) encoder features.
         max_length: most words per caption (the <end> token comes on top).
         length_penalty: final scores are divided by length ** length_penalty (0 = raw log-prob).
+        block_ngrams: N > 0 forbids a word that would repeat an N-gram of the caption so far.
     """
     b, p, _ = feats.shape
     k = beam_size
@@ -61,7 +65,10 @@ def beam_search(decoder: Decoder, feats: torch.Tensor, *, start: int, end: int, 
         else:
             logits = decoder.logits(h).float()
             logits[:, [pad, start]] = float("-inf")  # an open caption never emits <pad>/<start>
-            logp = torch.log_softmax(logits, dim=-1).view(b, k, v)
+            logp = torch.log_softmax(logits, dim=-1)
+            if block_ngrams and seqs.size(2) >= block_ngrams:
+                logp = logp.masked_fill(repeated_ngram(seqs.view(b * k, -1), block_ngrams, v), float("-inf"))
+            logp = logp.view(b, k, v)
         logp = torch.where(finished.unsqueeze(2), frozen, logp)
         top, idx = (scores.unsqueeze(2) + logp).view(b, k * v).topk(k, dim=1)
         beam = torch.div(idx, v, rounding_mode="floor")  # integer division (never float indices)
@@ -101,7 +108,60 @@ def beam_search(decoder: Decoder, feats: torch.Tensor, *, start: int, end: int, 
     return DecodeResult(out_tokens, final[torch.arange(b, device=device), best], best_alphas)
 
 
+def repeated_ngram(seqs: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
+    """(N, V) bool: the words that would repeat an ``n``-gram already in each row of ``seqs`` (N, L)
+    if appended (its last n-1 words followed by the word occur earlier in the row)."""
+    windows = seqs.unfold(1, n, 1)  # (N, L - n + 1, n): every n-gram so far
+    suffix = seqs[:, seqs.size(1) - (n - 1):]  # (N, n - 1): the words a new n-gram would start with
+    match = (windows[:, :, : n - 1] == suffix.unsqueeze(1)).all(dim=2)  # (N, W)
+    hits = torch.zeros(seqs.size(0), vocab_size, device=seqs.device)
+    hits.scatter_add_(1, windows[:, :, n - 1], match.float())  # the word that followed each match
+    return hits > 0
+
+
 def greedy(decoder: Decoder, feats: torch.Tensor, *, start: int, end: int, pad: int = 0,
-           max_length: int = 50, return_alphas: bool = False) -> DecodeResult:
-    return beam_search(decoder, feats, start=start, end=end, pad=pad, beam_size=1,
-                       max_length=max_length, return_alphas=return_alphas)
+           max_length: int = 50, block_ngrams: int = 0, return_alphas: bool = False) -> DecodeResult:
+    return beam_search(decoder, feats, start=start, end=end, pad=pad, beam_size=1, max_length=max_length,
+                       block_ngrams=block_ngrams, return_alphas=return_alphas)
+
+
+@dataclass
+class Samples:
+    tokens: torch.Tensor  # (N, L) word ids, then <end>, then <pad>; L <= max_length + 1
+    ended: torch.Tensor  # (N,) bool: emitted <end> within max_length words (else cut there)
+    lengths: torch.Tensor  # (N,) words, <end> not counted
+
+
+@torch.no_grad()
+def sample(decoder: Decoder, feats: torch.Tensor, *, start: int, end: int, pad: int = 0, max_length: int = 50,
+           temperature: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None) -> Samples:
+    """One caption per row of ``feats`` (N, P, E), each word drawn from the model's softmax at
+    ``temperature``, restricted to the ``top_k`` likeliest words when ``top_k`` > 0. <pad> and
+    <start> are never drawn. Captions that never end are cut at ``max_length`` words (their
+    ``ended`` is False). Draws from ``generator`` (default: torch's global RNG)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    n = feats.size(0)
+    device = feats.device
+    proj = decoder.attention.project(feats)
+    h, c = decoder.init_state(feats)
+    token = torch.full((n,), start, dtype=torch.long, device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    out = []
+    for _ in range(max_length):
+        h, c, _ = decoder.step(token, feats, proj, h, c)
+        logits = decoder.logits(h).float()
+        logits[:, [pad, start]] = float("-inf")
+        logits = logits / temperature
+        if top_k and top_k < logits.size(1):
+            kth = logits.topk(top_k, dim=1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        token = torch.multinomial(torch.softmax(logits, dim=1), 1, generator=generator).squeeze(1)
+        token = token.masked_fill(done, pad)  # after <end>: padding
+        out.append(token)
+        done = done | (token == end)
+        if bool(done.all()):
+            break
+    tokens = torch.stack(out, dim=1)
+    words = (tokens != end) & (tokens != pad)
+    return Samples(tokens, done, words.sum(dim=1))

@@ -23,20 +23,31 @@ ProgressFn = Callable[[int, int], None]
 
 @torch.inference_mode()
 def generate(model, vocab, images: torch.Tensor, *, beam_size: int = 3, max_length: int = 50,
-             length_penalty: float = 0.0, return_alphas: bool = False, amp_dtype=None):
+             length_penalty: float = 0.0, block_ngrams: int = 0, return_alphas: bool = False, amp_dtype=None,
+             sample: dict | None = None):
     """Captions (strings) for a batch of uint8 images, with the decode result."""
     with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         feats = model.encode(images)
     return decode_features(model, vocab, feats, beam_size=beam_size, max_length=max_length,
-                           length_penalty=length_penalty, return_alphas=return_alphas)
+                           length_penalty=length_penalty, block_ngrams=block_ngrams,
+                           return_alphas=return_alphas, sample=sample)
 
 
 def decode_features(model, vocab, feats: torch.Tensor, *, beam_size: int = 3, max_length: int = 50,
-                    length_penalty: float = 0.0, return_alphas: bool = False):
-    """Captions (strings) and the decode result for encoder features (B, P, E)."""
+                    length_penalty: float = 0.0, block_ngrams: int = 0, return_alphas: bool = False,
+                    sample: dict | None = None):
+    """Captions (strings) and the decode result for encoder features (B, P, E): beam search, or
+    with ``sample`` (``{"temperature": T, "top_k": K}``) one caption drawn from the model."""
+    if sample is not None:
+        from capcli.decode import DecodeResult, sample as draw
+
+        s = draw(model.decoder, feats.float(), start=vocab.start, end=vocab.end, pad=vocab.pad,
+                 max_length=max_length, **sample)
+        tokens = [[t for t in row if t not in (vocab.pad, vocab.end)] for row in s.tokens.tolist()]
+        return [vocab.decode(t) for t in tokens], DecodeResult(tokens, torch.zeros(len(tokens)), None)
     result = beam_search(model.decoder, feats.float(), start=vocab.start, end=vocab.end, pad=vocab.pad,
                          beam_size=beam_size, max_length=max_length, length_penalty=length_penalty,
-                         return_alphas=return_alphas)
+                         block_ngrams=block_ngrams, return_alphas=return_alphas)
     return [vocab.decode(t) for t in result.tokens], result
 
 
@@ -45,7 +56,7 @@ def evaluate_model(model, dataset: CaptionDataset, device: torch.device, *, beam
                    max_length: int = 0, batch_size: int = 32, num_workers: int = 0,
                    alpha_c: float = 1.0, amp_dtype=None, meteor: bool | None = None,
                    vocab=None, features: str | Path | None = None, score: bool = True,
-                   progress: ProgressFn | None = None) -> dict:
+                   block_ngrams: int = 0, progress: ProgressFn | None = None) -> dict:
     """Scores of ``model`` on ``dataset``; returns the metrics dict and ``captions`` (COCO results).
 
     ``vocab`` is the model's vocabulary (default: the dataset's). Loss and top-5 need the dataset's
@@ -76,7 +87,8 @@ def evaluate_model(model, dataset: CaptionDataset, device: torch.device, *, beam
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             feats = model.features(images, regions)
-        texts, _ = decode_features(model, vocab, feats, beam_size=beam_size, max_length=max_length)
+        texts, _ = decode_features(model, vocab, feats, beam_size=beam_size, max_length=max_length,
+                                   block_ngrams=block_ngrams)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         decode_seconds += time.perf_counter() - t0
@@ -103,6 +115,7 @@ def evaluate_model(model, dataset: CaptionDataset, device: torch.device, *, beam
         "top5": tf.get("top5"),
         "images": len(hyps),
         "beam_size": beam_size,
+        "block_ngrams": block_ngrams,
         "captions_per_s": len(hyps) / max(decode_seconds, 1e-9),
     })
     scores["captions"] = [{"image_id": ids[i], "caption": hyps[i]} for i in sorted(hyps)]

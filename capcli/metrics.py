@@ -36,7 +36,7 @@ from typing import Mapping, Sequence
 from capcli.errors import UserError
 from capcli.text import tokenize
 
-__all__ = ["caption_scores", "bleu", "rouge_l", "cider_d", "meteor_available", "meteor_score",
+__all__ = ["caption_scores", "bleu", "rouge_l", "cider_d", "CiderD", "meteor_available", "meteor_score",
            "topk_correct", "top5_accuracy"]
 
 _Ngram = tuple[str, ...]
@@ -159,8 +159,9 @@ def rouge_l(references: Mapping[str, Sequence[Sequence[str]]], hypotheses: Mappi
 
 
 def cider_d(references: Mapping[str, Sequence[Sequence[str]]], hypotheses: Mapping[str, Sequence[str]],
-            n: int = 4, sigma: float = 6.0) -> float:
-    """Mean over images of CIDEr-D (Vedantam et al. 2015) as COCO's evaluation computes it.
+            n: int = 4, sigma: float = 6.0, per_image: bool = False) -> float | dict[str, float]:
+    """Mean over images of CIDEr-D (Vedantam et al. 2015) as COCO's evaluation computes it (or,
+    with ``per_image``, each image's score by key).
 
     Document frequencies and ``log(#images)`` come from the references of the images scored (the
     keys of ``hypotheses``). Each n-gram weighs ``tf * (log(#images) - log(max(1, df)))``. Per n:
@@ -168,20 +169,49 @@ def cider_d(references: Mapping[str, Sequence[Sequence[str]]], hypotheses: Mappi
     over n and over references, times 10. As in COCO's code the lengths ``l`` in the penalty are
     counted in bigrams (``max(0, words - 1)``).
     """
-    return _cider(*_count_all(references, hypotheses, n), n, sigma)
+    hyp_counts, ref_counts = _count_all(references, hypotheses, n)
+    if per_image:
+        scorer = CiderD(ref_counts, n, sigma)
+        return {key: scorer.score_counts(key, counts) for key, (_, counts) in hyp_counts.items()}
+    return _cider(hyp_counts, ref_counts, n, sigma)
 
 
 def _cider(hyp_counts: dict, ref_counts: dict, n: int, sigma: float = 6.0) -> float:
     if not hyp_counts:
         return 0.0
-    doc_freq: Counter[_Ngram] = Counter()
-    for refs in ref_counts.values():
-        doc_freq.update({gram for _, counts in refs for gram in counts})
-    log_images = math.log(float(len(hyp_counts)))
-    # idf of every n-gram seen in a reference; unseen ones count as df = 1 (idf = log_images).
-    idf = {gram: log_images - math.log(max(1.0, df)) for gram, df in doc_freq.items()}
+    scorer = CiderD({k: ref_counts[k] for k in hyp_counts}, n, sigma)
+    return sum(scorer.score_counts(key, counts) for key, (_, counts) in hyp_counts.items()) / len(hyp_counts)
 
-    def vectorise(counts: Counter[_Ngram]) -> tuple[list[dict[_Ngram, float]], list[float], int]:
+
+class CiderD:
+    """CIDEr-D against fixed document frequencies: those of ``ref_counts`` (key -> the (length,
+    n-gram counts) of each reference of an image), e.g. a whole training split. Scores one
+    hypothesis at a time, the reference side of each image vectorised once and kept: the reward of
+    self-critical training, fast enough to score every sampled caption of every step.
+
+    With ``ref_counts`` holding exactly the images scored, :meth:`score_counts` is the per-image
+    CIDEr-D of :func:`cider_d` and :func:`caption_scores` (the same arithmetic, in the same order).
+    """
+
+    def __init__(self, ref_counts: Mapping, n: int = 4, sigma: float = 6.0):
+        self.n, self.sigma = n, sigma
+        self.ref_counts = ref_counts
+        doc_freq: Counter[_Ngram] = Counter()
+        for refs in ref_counts.values():
+            doc_freq.update({gram for _, counts in refs for gram in counts})
+        self.log_images = math.log(float(max(len(ref_counts), 1)))
+        # idf of every n-gram seen in a reference; unseen ones count as df = 1 (idf = log_images).
+        self.idf = {gram: self.log_images - math.log(max(1.0, df)) for gram, df in doc_freq.items()}
+        self._refs: dict = {}
+
+    @classmethod
+    def from_references(cls, references: Mapping[str, Sequence[str]], n: int = 4, sigma: float = 6.0) -> "CiderD":
+        """From raw reference strings (key -> captions), tokenised as :func:`caption_scores` does."""
+        return cls({k: [(len(t), _ngram_counts(t, n)) for t in (tokenize(r) for r in refs)]
+                    for k, refs in references.items()}, n, sigma)
+
+    def _vectorise(self, counts: Counter[_Ngram]) -> tuple[list[dict[_Ngram, float]], list[float], int]:
+        n, idf, log_images = self.n, self.idf, self.log_images
         vec: list[dict[_Ngram, float]] = [{} for _ in range(n)]
         norm = [0.0] * n
         bigrams = 0
@@ -194,14 +224,20 @@ def _cider(hyp_counts: dict, ref_counts: dict, n: int, sigma: float = 6.0) -> fl
                 bigrams += tf
         return vec, [math.sqrt(x) for x in norm], bigrams
 
-    total = 0.0
-    for key, (_, counts) in hyp_counts.items():
-        h_vec, h_norm, h_len = vectorise(counts)
-        refs = ref_counts[key]
+    def _ref_vectors(self, key) -> list:
+        got = self._refs.get(key)
+        if got is None:
+            got = self._refs[key] = [self._vectorise(r_counts) for _, r_counts in self.ref_counts[key]]
+        return got
+
+    def score_counts(self, key, counts: Counter[_Ngram]) -> float:
+        """CIDEr-D (x10) of a hypothesis, given as its n-gram counts, against image ``key``'s references."""
+        n = self.n
+        h_vec, h_norm, h_len = self._vectorise(counts)
+        refs = self._ref_vectors(key)
         score = [0.0] * n
-        for _, r_counts in refs:
-            r_vec, r_norm, r_len = vectorise(r_counts)
-            penalty = math.e ** (-(float(h_len - r_len) ** 2) / (2 * sigma ** 2))
+        for r_vec, r_norm, r_len in refs:
+            penalty = math.e ** (-(float(h_len - r_len) ** 2) / (2 * self.sigma ** 2))
             for k in range(n):
                 r_k = r_vec[k]
                 val = 0.0
@@ -211,8 +247,11 @@ def _cider(hyp_counts: dict, ref_counts: dict, n: int, sigma: float = 6.0) -> fl
                 if h_norm[k] != 0 and r_norm[k] != 0:
                     val /= h_norm[k] * r_norm[k]
                 score[k] += val * penalty
-        total += sum(score) / n / len(refs) * 10.0
-    return total / len(hyp_counts)
+        return sum(score) / n / len(refs) * 10.0
+
+    def score(self, key, tokens: Sequence[str]) -> float:
+        """CIDEr-D (x10) of tokenised ``tokens`` against image ``key``'s references."""
+        return self.score_counts(key, _ngram_counts(tokens, self.n))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -231,3 +231,23 @@ def test_evaluate_a_frozen_encoder_caches_the_test_features(runner, tiny_data, t
                             alpha_c=cfg.train.alpha_c, meteor=False)
     assert cached["loss"] == pytest.approx(direct["loss"], rel=1e-2)  # float16 features on disk
     assert cached["images"] == direct["images"]
+
+
+def test_caption_sampling_and_ngram_blocking(runner, tiny_run, tmp_path):
+    from tests.conftest import REPO
+
+    images = REPO / "examples" / "images"
+
+    def captions(*extra):
+        out = tmp_path / f"c{len(list(tmp_path.iterdir()))}.json"
+        invoke(runner, ["caption", tiny_run, images, "--device", "cpu", "-q", "--output", out, *extra])
+        return [r["caption"] for r in json.loads(out.read_text())]
+
+    a = captions("--sample", "--seed", 3, "--temperature", 1.5)
+    assert a == captions("--sample", "--seed", 3, "--temperature", 1.5)  # seeded: the same draw
+    assert any(x != y for x, y in zip(a, captions("--sample", "--seed", 4, "--temperature", 1.5)))
+    for cap in captions("--beam", 2, "--block-ngrams", 2, "--max-length", 12):
+        words = cap.split()
+        assert len(set(zip(words, words[1:]))) == len(words) - 1  # no bigram twice
+    result = invoke(runner, ["caption", tiny_run, images, "--temperature", 0.5, "--device", "cpu"], code=1)
+    assert "--sample" in result.output

@@ -4,6 +4,7 @@ import itertools
 import math
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from capcli.decode import beam_search, greedy
@@ -120,3 +121,75 @@ def test_real_decoder_beam_one_equals_greedy_argmax_loop():
                     else:
                         outs[i].append(int(tok[i]))
     assert res.tokens == outs
+
+
+def repeats_an_ngram(seq, n):
+    grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+def test_block_ngrams_finds_the_best_caption_without_a_repeated_ngram():
+    """An exhaustive beam with --block-ngrams 2 equals the best caption by enumeration among those
+    that repeat no bigram; on tables that favour a loop, the plain beam does repeat one."""
+    b, v, max_len = 4, 7, 4
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(b, v, v, generator=g)
+    logits[:, 4, 5] += 4.0  # 4 -> 5 -> 4 -> 5 ... is likely
+    logits[:, 5, 4] += 4.0
+    logits[:, :, [PAD, START, 3]] = -1e9
+    logp = torch.log_softmax(logits, -1)
+    feats = torch.zeros(b, 2, 1)
+    words = [4, 5, 6]
+    plain = beam_search(Markov(logp), feats, start=START, end=END, pad=PAD, beam_size=400, max_length=max_len)
+    blocked = beam_search(Markov(logp), feats, start=START, end=END, pad=PAD, beam_size=400, max_length=max_len,
+                          block_ngrams=2)
+    assert any(repeats_an_ngram(t, 2) for t in plain.tokens)
+    for i in range(b):
+        best, best_seq = -math.inf, None
+        for n in range(max_len + 1):
+            for seq in itertools.product(words, repeat=n):
+                if repeats_an_ngram(list(seq), 2):
+                    continue
+                prev, score = START, 0.0
+                for w in seq:
+                    score += logp[i, prev, w].item()
+                    prev = w
+                if n < max_len:
+                    score += logp[i, prev, END].item()
+                if score > best:
+                    best, best_seq = score, list(seq)
+        assert blocked.tokens[i] == best_seq
+        assert not repeats_an_ngram(blocked.tokens[i], 2)
+
+
+def test_sampling_follows_the_model_distribution():
+    from capcli.decode import sample
+
+    v = 7
+    logp = torch.full((1, v, v), -1e9)
+    logp[0, START, 4], logp[0, START, 5], logp[0, START, 6] = math.log(0.6), math.log(0.3), math.log(0.1)
+    logp[0, 4:7, END] = 0.0  # one word, then <end>
+    feats = torch.zeros(3000, 2, 1)
+    table = logp.expand(3000, v, v)
+    torch.manual_seed(0)
+    s = sample(Markov(table), feats, start=START, end=END, pad=PAD, max_length=5)
+    first = s.tokens[:, 0]
+    freqs = [(first == w).float().mean().item() for w in (4, 5, 6)]
+    assert freqs == pytest.approx([0.6, 0.3, 0.1], abs=0.03)
+    assert bool(s.ended.all()) and (s.tokens[:, 1] == END).all() and s.lengths.eq(1).all()
+    cold = sample(Markov(table), feats, start=START, end=END, pad=PAD, max_length=5, temperature=0.1)
+    assert (cold.tokens[:, 0] == 4).float().mean() > 0.99  # near-greedy when cold
+    top1 = sample(Markov(table), feats, start=START, end=END, pad=PAD, max_length=5, top_k=1)
+    assert (top1.tokens[:, 0] == 4).all()
+    top2 = sample(Markov(table), feats, start=START, end=END, pad=PAD, max_length=5, top_k=2)
+    assert not (top2.tokens[:, 0] == 6).any() and (top2.tokens[:, 0] == 5).any()
+
+
+def test_samples_that_never_end_are_cut_at_max_length():
+    from capcli.decode import sample
+
+    v = 8
+    logp = torch.full((2, v, v), -1e9)
+    logp[:, :, 5] = 0.0  # always "5"
+    s = sample(Markov(logp), torch.zeros(2, 1, 1), start=START, end=END, pad=PAD, max_length=4)
+    assert s.tokens.tolist() == [[5, 5, 5, 5]] * 2 and not s.ended.any() and s.lengths.tolist() == [4, 4]

@@ -21,6 +21,7 @@ def evaluate(
     max_length: Annotated[int, typer.Option("--max-length", min=0, help="Longest caption in words (0 = dataset's).")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images decoded at once.")] = 32,
     max_images: Annotated[int, typer.Option("--max-images", min=0, help="Score only the first N images (0 = all).")] = 0,
+    block_ngrams: Annotated[int, typer.Option("--block-ngrams", min=0, help="Never repeat an n-gram of this size within a caption (0 = off).")] = 0,
     results: Annotated[Optional[Path], typer.Option("--results", help="Score this COCO results file instead of a model.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="eval.json path; captions.json goes beside it.")] = None,
     meteor: Annotated[Optional[bool], typer.Option("--meteor/--no-meteor", help="METEOR needs Java; default: when available.")] = None,
@@ -34,7 +35,7 @@ def evaluate(
 
     Examples:
       capcli evaluate runs/tiny --data data/synthetic --split test --beam 3
-      capcli evaluate runs/tiny/checkpoints/best.pt --beam 5 --output results/eval.json
+      capcli evaluate runs/tiny/checkpoints/best.pt --beam 5 --block-ngrams 3 --output results/eval.json
       capcli evaluate --results captions.json --data data/coco --split test
     """
     from capcli.data.dataset import CaptionDataset
@@ -70,6 +71,7 @@ def evaluate(
         scores = evaluate_model(model, dataset, dev, beam_size=beam, max_length=max_length,
                                 batch_size=batch_size, num_workers=workers, alpha_c=cfg.train.alpha_c,
                                 amp_dtype=amp_dtype, meteor=meteor, vocab=vocab, features=features,
+                                block_ngrams=block_ngrams,
                                 progress=lambda done, n: bar.update(task, completed=done))
     captions = scores.pop("captions")
     scores.update({"checkpoint": str(checkpoint), "data": str(data), "split": split})

@@ -88,9 +88,12 @@ def training_progress(bar, quiet: bool = False, prefix: str = ""):
                                          total=info["steps"], completed=info["done"],
                                          info=f"tf {info['tf_ratio']:.2f}")
         elif event == "step":
-            bar.update(state["task"], completed=info["step"],
-                       info=f"loss {info['loss']:.3f} top5 {100 * info['top5']:.1f}% tf {info['tf_ratio']:.2f} "
-                            f"{info['samples_per_s']:.0f} samples/s")
+            bar.update(state["task"], completed=info["step"], info=" ".join(
+                [f"loss {info['loss']:.3f}"]
+                + ([f"top5 {100 * info['top5']:.1f}%", f"tf {info['tf_ratio']:.2f}"] if "top5" in info else [])
+                + ([f"reward {info['reward']:.3f} baseline {info['baseline']:.3f} ended {100 * info['ended']:.0f}%"]
+                   if "reward" in info else [])
+                + [f"{info['samples_per_s']:.0f} samples/s"]))
         elif event == "validate":
             state["val"] = bar.add_task(f"{prefix}  validate", total=info["images"], info="free-running decode")
         elif event == "validate_step":
@@ -105,7 +108,8 @@ def training_progress(bar, quiet: bool = False, prefix: str = ""):
             if "val_bleu4" in r:
                 top5 = "-" if r["val_top5"] is None else f"{100 * r['val_top5']:.1f}%"
                 loss = "-" if r["val_loss"] is None else f"{r['val_loss']:.3f}"
-                say(f"epoch {r['epoch']}: train loss {r['train_loss']:.3f} | val loss {loss} top5 {top5} "
+                reward = f" reward {r['train_reward']:.3f}" if "train_reward" in r else ""
+                say(f"epoch {r['epoch']}: train loss {r['train_loss']:.3f}{reward} | val loss {loss} top5 {top5} "
                     f"BLEU-4 {100 * r['val_bleu4']:.2f} CIDEr {r['val_cider']:.3f} | "
                     f"{r['samples_per_s']:.0f} samples/s | {r['elapsed_s']:.0f} s | "
                     f"e.g. \"{r['val_samples'][0] if r['val_samples'] else ''}\"")

@@ -55,11 +55,114 @@ class XEObjective(nn.Module):
         return {"loss": loss / n, "ce": ce / n, "top5": hits / n}
 
 
-def build_objective(cfg, model: nn.Module, train_set=None) -> nn.Module:
+class SCSTObjective(nn.Module):
+    """Self-critical sequence training (Rennie et al., CVPR 2017): sample ``samples`` captions per
+    image from the model, reward each with its CIDEr-D against the image's references (document
+    frequencies of the whole training split, as :class:`capcli.metrics.CiderD`), subtract a
+    baseline and follow the policy gradient ``-(r - b) * log p(caption)``.
+
+    Baselines: ``mean``, the average reward of the image's other samples (Luo 2020, "A better
+    variant of self-critical sequence training"); ``greedy``, the reward of the model's greedy
+    caption (Rennie et al.).
+
+    Captions are sampled without gradient, then scored with gradient by one teacher-forced pass
+    of the decoder over the sampled words (the fast training path), with dropout off in both so
+    that the probabilities differentiated are exactly those that drew the samples. Words after
+    <end> carry no gradient; captions that never end are cut at ``max_length``.
+    """
+
+    name = "scst"
+    sum_names = ("loss", "reward", "baseline", "ended", "samples", "tokens")
+
+    def __init__(self, model: nn.Module, train_set, *, samples: int = 5, baseline: str = "mean",
+                 max_length: int = 16):
+        super().__init__()
+        from capcli.metrics import CiderD
+        from capcli.text import tokenize
+
+        self.model = model
+        self.samples, self.baseline, self.max_length = samples, baseline, max_length
+        vocab = train_set.vocab
+        self.start, self.end, self.pad = vocab.start, vocab.end, vocab.pad
+        refs = train_set.references()  # every raw reference of every training image
+        self.cider = CiderD.from_references(dict(enumerate(refs)))
+        # a word id -> its tokens as the COCO tokenisation of the decoded caption gives them
+        self.word_tokens = [tokenize(w) for w in vocab.itos]
+        banned = torch.zeros(len(vocab.itos), dtype=torch.bool)
+        banned[[self.pad, self.start]] = True  # never sampled (decode.sample)
+        self.register_buffer("banned", banned, persistent=False)
+
+    def rewards(self, images: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        """CIDEr-D of each row of ``tokens`` (word ids, then <end>/<pad>) against the references
+        of training image ``images[row]``: float64 on the CPU."""
+        out = []
+        for img, row in zip(images, tokens.tolist()):
+            words: list[str] = []
+            for t in row:
+                if t == self.end or t == self.pad:
+                    break
+                words.extend(self.word_tokens[t])
+            out.append(self.cider.score(img, words))
+        return torch.tensor(out, dtype=torch.float64)
+
+    def forward(self, batch: dict, tf_ratio: float = 1.0, feats: torch.Tensor | None = None) -> dict:
+        from capcli.decode import beam_search, sample
+
+        if feats is None:
+            feats = self.model.features(batch.get("images"), batch.get("regions"))
+        b, k = feats.size(0), self.samples
+        images = batch["index"].tolist()
+        dec = self.model.decoder
+        dropout_was = dec.dropout.training
+        dec.dropout.eval()
+        try:
+            s = sample(dec, feats.detach().float().repeat_interleave(k, 0), start=self.start, end=self.end,
+                       pad=self.pad, max_length=self.max_length)
+            reward = self.rewards([i for i in images for _ in range(k)], s.tokens)
+            if self.baseline == "greedy":
+                greedy = beam_search(dec, feats.detach().float(), start=self.start, end=self.end, pad=self.pad,
+                                     beam_size=1, max_length=self.max_length)
+                rows = torch.full((b, self.max_length + 1), self.pad, dtype=torch.long)
+                for i, t in enumerate(greedy.tokens):
+                    rows[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+                base = self.rewards(images, rows).repeat_interleave(k)
+            else:  # the mean of the other samples of the same image
+                per_image = reward.view(b, k)
+                base = ((per_image.sum(1, keepdim=True) - per_image) / (k - 1)).view(-1)
+            captions = torch.cat([torch.full((b * k, 1), self.start, device=s.tokens.device), s.tokens], 1)
+            logits, _ = self.model.decode_captions(feats, captions.view(b, k, -1), 1.0)
+        finally:
+            dec.dropout.train(dropout_was)
+        logits = logits.float().masked_fill(self.banned, float("-inf"))  # as the sampler drew them
+        mask = s.tokens != self.pad  # the words and the <end>, nothing after it
+        # <pad> after <end> has log p = -inf (never drawn): read <end>'s there, then mask it out
+        logp = torch.log_softmax(logits, dim=-1).gather(2, s.tokens.masked_fill(~mask, self.end).unsqueeze(2))
+        logp = logp.squeeze(2).masked_fill(~mask, 0.0)
+        advantage = (reward - base).to(logp.device, logp.dtype)
+        tokens = mask.sum()
+        loss = -(advantage.unsqueeze(1) * logp * mask).sum() / tokens.clamp(min=1)
+        n = b * k
+        sums = torch.stack([loss.detach().double() * n, reward.sum().to(loss.device), base.sum().to(loss.device),
+                            s.ended.sum().double(), torch.tensor(float(n), dtype=torch.float64, device=loss.device),
+                            tokens.double()])
+        return {"loss": loss, "sums": sums, "samples": n}
+
+    @staticmethod
+    def summary(sums: list[float]) -> dict:
+        loss, reward, baseline, ended, samples, _ = sums
+        n = max(samples, 1.0)
+        return {"loss": loss / n, "reward": reward / n, "baseline": baseline / n, "ended": ended / n}
+
+
+def build_objective(cfg, model: nn.Module, train_set=None, max_length: int = 16) -> nn.Module:
     """The objective ``cfg.train.objective`` names, around ``model``."""
-    if cfg.train.objective == "xe":
-        return XEObjective(model, cfg.train.alpha_c)
-    raise ValueError(f"unknown objective {cfg.train.objective!r}")  # config validation lists them
+    t = cfg.train
+    if t.objective == "xe":
+        return XEObjective(model, t.alpha_c)
+    if t.objective == "scst":
+        return SCSTObjective(model, train_set, samples=t.scst_samples, baseline=t.scst_baseline,
+                             max_length=max_length)
+    raise ValueError(f"unknown objective {t.objective!r}")  # config validation lists them
 
 
 class TrainStep:

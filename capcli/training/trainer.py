@@ -161,9 +161,31 @@ class Trainer:
 
     def _setup_model(self) -> None:
         cfg = self.cfg
-        self.model = Captioner(cfg.model, len(self.vocab), pretrained=False if self.ckpt else None).to(self.device)
-        self.objective = build_objective(cfg, self.model, self.train_set)
+        init = self._init_weights() if cfg.train.init_from and self.ckpt is None else None
+        from_file = self.ckpt is not None or init is not None  # weights come from a checkpoint
+        self.model = Captioner(cfg.model, len(self.vocab), pretrained=False if from_file else None)
+        if init is not None:
+            self.model.load_state_dict(init["model"])
+        self.model.to(self.device)
+        self.objective = build_objective(cfg, self.model, self.train_set, self.max_length)
         self.amp_dtype = autocast_dtype(cfg.train.amp, self.device)
+
+    # what a model's weights depend on: taken from an init_from checkpoint, so that they fit
+    ARCH_KEYS = ("encoder", "grid", "feature_norm", "image_size", "emb_dim", "att_dim", "dec_dim")
+
+    def _init_weights(self) -> dict:
+        """``train.init_from``: a trained captioner's checkpoint. Its architecture keys replace this
+        run's (how to train it, e.g. ``model.finetune``, stays this run's); its vocabulary must be
+        the dataset's."""
+        ck = checkpoint.load(self.cfg.train.init_from, map_location="cpu")
+        if list(ck["vocab"]) != list(self.vocab.itos):
+            raise UserError(f"train.init_from={self.cfg.train.init_from}: its vocabulary ({len(ck['vocab'])} words) "
+                            f"is not the one of {self.cfg.data.dir} ({len(self.vocab)} words); start from a run "
+                            "trained on this dataset")
+        for key in self.ARCH_KEYS:
+            if key in ck["config"]["model"]:
+                setattr(self.cfg.model, key, ck["config"]["model"][key])
+        return ck
 
     def _setup_optimizer(self) -> None:
         t = self.cfg.train

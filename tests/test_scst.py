@@ -1,0 +1,154 @@
+"""Self-critical training: the reward is the metrics' CIDEr-D, the mean baseline cancels identical
+samples, resume stays exact, init_from checks the vocabulary, and on the synthetic scenes a short
+SCST stage beats as many further cross-entropy epochs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from capcli.config import load_config
+from capcli.data.dataset import CaptionDataset
+from capcli.decode import Samples
+from capcli.errors import UserError
+from capcli.metrics import caption_scores, cider_d
+from capcli.models.captioner import Captioner
+from capcli.text import tokenize
+from capcli.training import Trainer, train
+from capcli.training.objectives import SCSTObjective
+from tests.conftest import TINY_OVERRIDES
+
+CPU = torch.device("cpu")
+
+
+def cfg_for(data, runs, *extra):
+    return load_config("tiny", [f"data.dir={data}", f"run.dir={runs}", *TINY_OVERRIDES,
+                                "data.val_max_images=3", *extra])
+
+
+@pytest.fixture(scope="module")
+def xe_run(tiny_data, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("scst_runs")
+    train(cfg_for(tiny_data, runs, "run.name=xe", "train.epochs=2"), CPU)
+    return runs / "xe"
+
+
+def test_reward_is_the_metrics_cider_d(tiny_data):
+    """Each sample's reward equals the per-image CIDEr-D that capcli.metrics computes for the same
+    caption when the whole training split is scored (the same document frequencies), and their
+    mean is caption_scores' CIDEr-D."""
+    ds = CaptionDataset(tiny_data, "train")
+    vocab = ds.vocab
+    cfg = load_config("tiny", [f"data.dir={tiny_data}", *TINY_OVERRIDES])
+    objective = SCSTObjective(Captioner(cfg.model, len(vocab)), ds, samples=2, max_length=12)
+    refs = ds.references()
+    g = torch.Generator().manual_seed(0)
+    rows = torch.full((len(ds), 13), vocab.pad, dtype=torch.long)
+    hyps = {}
+    for i in range(len(ds)):  # a reference's first words, or random words, then <end>
+        words = tokenize(refs[i][0])[: 3 + i % 5] if i % 2 else \
+            [vocab.itos[j] for j in torch.randint(4, len(vocab), (6,), generator=g).tolist()]
+        ids = [vocab.stoi.get(w, vocab.unk) for w in words]
+        rows[i, :len(ids)] = torch.tensor(ids)
+        rows[i, len(ids)] = vocab.end
+        hyps[str(i)] = vocab.decode(ids)
+    rewards = objective.rewards(list(range(len(ds))), rows)
+    per_image = cider_d({str(i): [tokenize(r) for r in refs[i]] for i in range(len(ds))},
+                        {k: tokenize(h) for k, h in hyps.items()}, per_image=True)
+    for i in range(len(ds)):
+        assert rewards[i].item() == pytest.approx(per_image[str(i)], rel=1e-12, abs=1e-12)
+    full = caption_scores({str(i): refs[i] for i in range(len(ds))}, hyps, meteor=False)
+    assert rewards.mean().item() == pytest.approx(full["cider"], rel=1e-12)
+    assert rewards.max().item() > 0.5  # the reference-prefix captions do earn a reward
+
+
+def test_mean_baseline_with_identical_samples_gives_no_gradient(tiny_data, monkeypatch):
+    ds = CaptionDataset(tiny_data, "train")
+    cfg = load_config("tiny", [f"data.dir={tiny_data}", *TINY_OVERRIDES])
+    torch.manual_seed(0)
+    model = Captioner(cfg.model, len(ds.vocab))
+    objective = SCSTObjective(model, ds, samples=3, baseline="mean", max_length=8)
+    images = torch.stack([ds[i]["image"] for i in range(2)])
+
+    def same_three(decoder, feats, **kw):  # every image's 3 samples are one caption
+        rows = torch.tensor([[5, 6, 7, ds.vocab.end, 0], [8, ds.vocab.end, 0, 0, 0]])
+        tokens = rows.repeat_interleave(3, 0)
+        return Samples(tokens, torch.ones(6, dtype=torch.bool), (tokens > 3).sum(1))
+
+    monkeypatch.setattr("capcli.decode.sample", same_three)
+    out = objective({"images": images, "index": torch.tensor([0, 1])})
+    out["loss"].backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.count_nonzero(g) == 0 for g in grads)
+    assert out["sums"][1].item() == pytest.approx(out["sums"][2].item())  # reward sum = baseline sum
+
+    # different samples: a gradient, and it pushes the better-rewarded caption up
+    def two_kinds(decoder, feats, **kw):
+        good = [ds.vocab.stoi.get(w, ds.vocab.unk) for w in tokenize(ds.references()[0][0])[:4]] + [ds.vocab.end]
+        bad = [9, 9, 9, 9, ds.vocab.end]
+        tokens = torch.tensor([good, bad, bad, good, bad, bad])
+        return Samples(tokens, torch.ones(6, dtype=torch.bool), torch.full((6,), 4))
+
+    model.zero_grad()
+    monkeypatch.setattr("capcli.decode.sample", two_kinds)
+    out = objective({"images": images, "index": torch.tensor([0, 1])})
+    out["loss"].backward()
+    assert any(torch.count_nonzero(p.grad) > 0 for p in model.parameters() if p.grad is not None)
+
+
+def test_scst_resume_is_exact(tiny_data, tmp_path, xe_run):
+    extra = ["train.objective=scst", f"train.init_from={xe_run}", "train.epochs=2", "train.scst_samples=3"]
+    train(cfg_for(tiny_data, tmp_path, "run.name=full", *extra), CPU)
+    trainer = Trainer(cfg_for(tiny_data, tmp_path, "run.name=part", *extra), CPU)
+    trainer.emit = lambda e, **i: setattr(trainer, "stop_signal", "SIGTERM") if (
+        e == "step" and i["epoch"] == 0 and i["step"] == 3) else None
+    assert trainer.fit()["stop_reason"] == "signal"
+    train(None, CPU, resume=tmp_path / "part")
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "checkpoints" / "last.pt", weights_only=True)
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0, msg=key)
+    assert a["best_metric"] == "cider"
+    last = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert {"train_reward", "train_baseline", "train_ended", "val_cider"} <= set(last)
+
+
+def test_init_from_needs_the_datasets_vocabulary(tmp_path, xe_run, runner):
+    from tests.conftest import invoke
+
+    other = tmp_path / "other"
+    invoke(runner, ["prepare", "synthetic", "--out", other, "--images", 30, "--size", 32, "--seed", 5, "--quiet"])
+    vocab = json.loads((other / "vocab.json").read_text())
+    (other / "vocab.json").write_text(json.dumps(vocab + ["zebra"]))
+    with pytest.raises(UserError, match="vocabulary"):
+        train(cfg_for(other, tmp_path, "train.objective=scst", f"train.init_from={xe_run}"), CPU)
+    with pytest.raises(UserError, match="scst_samples"):
+        load_config("tiny", ["train.objective=scst", "train.scst_samples=1"])
+
+
+@pytest.mark.slow
+def test_scst_beats_more_cross_entropy_on_the_synthetic_scenes(tmp_path, runner):
+    """From a short xe run, 3 epochs of scst raise test CIDEr-D above 3 more epochs of xe."""
+    from capcli.evaluate import evaluate_model
+    from capcli.models.captioner import captioner_from_checkpoint
+    from tests.conftest import invoke
+
+    data = tmp_path / "data"
+    invoke(runner, ["prepare", "synthetic", "--out", data, "--images", 600, "--size", 64, "--quiet"])
+    base = ["train.batch_size=80", "data.val_max_images=40", "model.grid=2", "train.val_beam=1"]
+    train(load_config("tiny", [f"data.dir={data}", f"run.dir={tmp_path}", "run.name=xe", "train.epochs=4", *base]), CPU)
+    train(load_config("tiny", [f"data.dir={data}", f"run.dir={tmp_path}", "run.name=xe_more", "train.epochs=3",
+                               f"train.init_from={tmp_path / 'xe'}", *base]), CPU)
+    train(load_config("tiny", [f"data.dir={data}", f"run.dir={tmp_path}", "run.name=scst", "train.epochs=3",
+                               "train.objective=scst", f"train.init_from={tmp_path / 'xe'}", "train.lr=2e-4",
+                               "train.encoder_lr=5e-5", *base]), CPU)
+    test = CaptionDataset(data, "test")
+    scores = {}
+    for name in ("xe", "xe_more", "scst"):
+        model, vocab, _, _ = captioner_from_checkpoint(tmp_path / name / "checkpoints" / "last.pt")
+        scores[name] = evaluate_model(model, test, CPU, beam_size=3, vocab=vocab, meteor=False)["cider"]
+    (tmp_path / "scores.json").write_text(json.dumps(scores))
+    print("test CIDEr-D:", scores)
+    assert scores["scst"] > scores["xe_more"], scores
