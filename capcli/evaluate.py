@@ -64,13 +64,48 @@ def evaluate_model(model, dataset: CaptionDataset, device: torch.device, *, beam
     a frozen encoder's feature cache of this split (:mod:`capcli.data.features`), read instead of
     running the encoder. ``score=False`` decodes and stops (to time a decode).
     """
+    from capcli.metrics import MeteorProcess, start_meteor
     from capcli.training.objectives import XEObjective
 
+    # METEOR's JVM and paraphrase tables load (~10 s) while the captions are decoded
+    meteor_proc = start_meteor() if score and meteor is not False else None
+    try:
+        hyps, sums, decode_seconds = _decode_split(
+            model, dataset, device, vocab or dataset.vocab, beam_size=beam_size, block_ngrams=block_ngrams,
+            max_length=max_length or dataset.max_length, batch_size=batch_size, num_workers=num_workers,
+            objective=XEObjective(model, alpha_c) if score else None, amp_dtype=amp_dtype, features=features,
+            progress=progress)
+    except BaseException:
+        if meteor_proc is not None:
+            meteor_proc.close(kill=True)
+        raise
+    if not score:
+        return {"images": len(hyps), "captions_per_s": len(hyps) / max(decode_seconds, 1e-9)}
+    references = dataset.references()
+    ids = dataset.image_ids()
+    refs = {str(i): references[i] for i in hyps}
+    scores = caption_scores(refs, {str(i): h for i, h in hyps.items()},
+                            meteor=meteor_proc if isinstance(meteor_proc, MeteorProcess) else meteor)
+    tf = XEObjective.summary(sums.tolist()) if sums is not None else {}
+    scores.update({
+        "loss": tf.get("ce"),  # cross-entropy per word, without the attention penalty
+        "top5": tf.get("top5"),
+        "images": len(hyps),
+        "beam_size": beam_size,
+        "block_ngrams": block_ngrams,
+        "captions_per_s": len(hyps) / max(decode_seconds, 1e-9),
+    })
+    scores["captions"] = [{"image_id": ids[i], "caption": hyps[i]} for i in sorted(hyps)]
+    return scores
+
+
+def _decode_split(model, dataset: CaptionDataset, device: torch.device, vocab, *, beam_size: int, block_ngrams: int,
+                  max_length: int, batch_size: int, num_workers: int, objective, amp_dtype, features,
+                  progress: ProgressFn | None) -> tuple[dict[int, str], torch.Tensor | None, float]:
+    """Free-running captions of every image (index -> text), the objective's teacher-forced sums
+    (when the vocabularies agree and ``objective`` is given) and the seconds spent decoding."""
     model.eval()
-    vocab = vocab or dataset.vocab
-    teacher_forced = vocab.itos == dataset.vocab.itos
-    objective = XEObjective(model, alpha_c)
-    max_length = max_length or dataset.max_length
+    teacher_forced = objective is not None and vocab.itos == dataset.vocab.itos
     data = CachedFeatureDataset(dataset, Path(features)) if features is not None else dataset
     # its own generator: evaluating never draws from the global RNG (a training run resumes exactly)
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -96,30 +131,12 @@ def evaluate_model(model, dataset: CaptionDataset, device: torch.device, *, beam
             hyps[idx] = text
         if progress is not None:
             progress(len(hyps), len(dataset))
-        if not teacher_forced or not score:
-            continue
-        # teacher-forced loss and top-5 (what the seed reported), with the training objective
-        tf_batch = {"captions": batch["captions"].to(device), "lengths": batch["lengths"].to(device)}
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = objective(tf_batch, 1.0, feats=feats)
-        sums = out["sums"] if sums is None else sums + out["sums"]
-    if not score:
-        return {"images": len(hyps), "captions_per_s": len(hyps) / max(decode_seconds, 1e-9)}
-    references = dataset.references()
-    ids = dataset.image_ids()
-    refs = {str(i): references[i] for i in hyps}
-    scores = caption_scores(refs, {str(i): h for i, h in hyps.items()}, meteor=meteor)
-    tf = XEObjective.summary(sums.tolist()) if sums is not None else {}
-    scores.update({
-        "loss": tf.get("ce"),  # cross-entropy per word, without the attention penalty
-        "top5": tf.get("top5"),
-        "images": len(hyps),
-        "beam_size": beam_size,
-        "block_ngrams": block_ngrams,
-        "captions_per_s": len(hyps) / max(decode_seconds, 1e-9),
-    })
-    scores["captions"] = [{"image_id": ids[i], "caption": hyps[i]} for i in sorted(hyps)]
-    return scores
+        if teacher_forced:  # teacher-forced loss and top-5 (what the seed reported)
+            tf_batch = {"captions": batch["captions"].to(device), "lengths": batch["lengths"].to(device)}
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                out = objective(tf_batch, 1.0, feats=feats)
+            sums = out["sums"] if sums is None else sums + out["sums"]
+    return hyps, sums, decode_seconds
 
 
 def score_results(results_path: str | Path, dataset: CaptionDataset, meteor: bool | None = None) -> dict:

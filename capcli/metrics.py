@@ -37,6 +37,7 @@ from capcli.errors import UserError
 from capcli.text import tokenize
 
 __all__ = ["caption_scores", "bleu", "rouge_l", "cider_d", "CiderD", "meteor_available", "meteor_score",
+           "MeteorProcess", "start_meteor",
            "topk_correct", "top5_accuracy"]
 
 _Ngram = tuple[str, ...]
@@ -308,105 +309,132 @@ class _MeteorError(RuntimeError):
     pass
 
 
-def meteor_score(references: Mapping[str, Sequence[str]], hypotheses: Mapping[str, str],
-                 timeout_s: float | None = None) -> float:
-    """Corpus METEOR 1.5 (``-l en -norm``, as COCO runs it) of tokenised, space-joined captions.
+class MeteorProcess:
+    """The meteor-1.5 jar as a running process, started ahead of need: the JVM start and the
+    loading of METEOR's paraphrase tables take about ten seconds, which then overlap with whatever
+    the caller does meanwhile (decoding the captions to score). :meth:`score` once, then close.
 
     Talks the jar's ``-stdio`` protocol: one ``SCORE ||| ref ||| ... ||| hyp`` line per image
     returns that image's statistics, then one ``EVAL ||| stats ||| ...`` line returns a score
-    per image and the corpus score. The whole exchange runs under a deadline; a jar that stalls
-    or dies is killed and reported as ``RuntimeError``.
+    per image and the corpus score. The exchange runs under a deadline; a jar that stalls or dies
+    is killed and reported as an error.
     """
-    ok, reason = meteor_available()
-    if not ok:
-        raise _MeteorError(reason)
-    java, _ = _java_status()
-    jar, _ = _find_meteor_jar()
-    assert java is not None and jar is not None
-    if not hypotheses:
-        return 0.0
-    if timeout_s is None:
-        timeout_s = _METEOR_TIMEOUT_S + 0.02 * len(hypotheses)
 
-    def clean(s: str) -> str:
-        return " ".join(s.replace("|||", " ").split())
-
-    score_lines = []
-    for key, hyp in hypotheses.items():
-        refs = " ||| ".join(clean(r) for r in references[key])
-        score_lines.append(f"SCORE ||| {refs} ||| {clean(hyp)}\n")
-
-    cmd = [java, "-jar", "-Xmx2G", str(jar), "-", "-", "-stdio", "-l", "en", "-norm"]
-    try:
-        proc = subprocess.Popen(cmd, cwd=str(jar.parent), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, encoding="utf-8", bufsize=1)
-    except OSError as exc:
-        raise _MeteorError(f"could not start Java for METEOR ({exc})") from None
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def read_stdout() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    def write_stdin(text: str) -> None:
+    def __init__(self):
+        ok, reason = meteor_available()
+        if not ok:
+            raise _MeteorError(reason)
+        java, _ = _java_status()
+        jar, _ = _find_meteor_jar()
+        assert java is not None and jar is not None
+        cmd = [java, "-jar", "-Xmx2G", str(jar), "-", "-", "-stdio", "-l", "en", "-norm"]
         try:
-            assert proc.stdin is not None
-            proc.stdin.write(text)
-            proc.stdin.flush()
+            self.proc = subprocess.Popen(cmd, cwd=str(jar.parent), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True, encoding="utf-8", bufsize=1)
+        except OSError as exc:
+            raise _MeteorError(f"could not start Java for METEOR ({exc})") from None
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.stderr_tail: list[str] = []
+        for target in (self._read_stdout, self._drain_stderr):
+            threading.Thread(target=target, daemon=True).start()
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def _drain_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr_tail[:] = (self.stderr_tail + [line.strip()])[-5:]
+
+    def _write(self, text: str) -> None:
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(text)
+            self.proc.stdin.flush()
         except (OSError, ValueError):
-            pass        # the process died; the reader reports it
+            pass  # the process died; the reader reports it
 
-    stderr_tail: list[str] = []
+    def score(self, references: Mapping[str, Sequence[str]], hypotheses: Mapping[str, str],
+              timeout_s: float | None = None) -> float:
+        """Corpus METEOR of tokenised, space-joined captions (key -> references, key -> hypothesis)."""
+        if not hypotheses:
+            return 0.0
+        if timeout_s is None:
+            timeout_s = _METEOR_TIMEOUT_S + 0.02 * len(hypotheses)
 
-    def drain_stderr() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            stderr_tail[:] = (stderr_tail + [line.strip()])[-5:]
+        def clean(s: str) -> str:
+            return " ".join(s.replace("|||", " ").split())
 
-    deadline = time.monotonic() + timeout_s
+        score_lines = [f"SCORE ||| {' ||| '.join(clean(r) for r in references[key])} ||| {clean(hyp)}\n"
+                       for key, hyp in hypotheses.items()]
+        deadline = time.monotonic() + timeout_s
 
-    def next_line() -> str:
-        remaining = deadline - time.monotonic()
+        def next_line() -> str:
+            remaining = deadline - time.monotonic()
+            try:
+                line = self.lines.get(timeout=max(remaining, 0.001))
+            except queue.Empty:
+                raise _MeteorError(f"METEOR gave no answer within {timeout_s:.0f} s") from None
+            if line is None:
+                detail = f": {self.stderr_tail[-1]}" if self.stderr_tail else ""
+                raise _MeteorError(f"METEOR stopped early (exit status {self.proc.poll()}){detail}")
+            return line.strip()
+
+        writer = threading.Thread(target=self._write, args=("".join(score_lines),), daemon=True)
+        writer.start()
         try:
-            line = lines.get(timeout=max(remaining, 0.001))
-        except queue.Empty:
-            raise _MeteorError(f"METEOR gave no answer within {timeout_s:.0f} s") from None
-        if line is None:
-            detail = f": {stderr_tail[-1]}" if stderr_tail else ""
-            raise _MeteorError(f"METEOR stopped early (exit status {proc.poll()}){detail}")
-        return line.strip()
+            stats = [next_line() for _ in score_lines]
+            writer.join(timeout=max(deadline - time.monotonic(), 0.001))
+            self._write("EVAL ||| " + " ||| ".join(stats) + "\n")
+            for _ in score_lines:
+                next_line()  # per-image scores
+            try:
+                return float(next_line())
+            except ValueError as exc:
+                raise _MeteorError(f"METEOR answered something that is not a score ({exc})") from None
+        except BaseException:
+            self.close(kill=True)
+            raise
 
-    threads = [threading.Thread(target=read_stdout, daemon=True),
-               threading.Thread(target=drain_stderr, daemon=True),
-               threading.Thread(target=write_stdin, args=("".join(score_lines),), daemon=True)]
-    for t in threads:
-        t.start()
-    finished = False
-    try:
-        stats = [next_line() for _ in score_lines]
-        threads[2].join(timeout=max(deadline - time.monotonic(), 0.001))
-        write_stdin("EVAL ||| " + " ||| ".join(stats) + "\n")
-        for _ in score_lines:
-            next_line()                        # per-image scores
+    def close(self, kill: bool = False) -> None:
         try:
-            score = float(next_line())
-        except ValueError as exc:
-            raise _MeteorError(f"METEOR answered something that is not a score ({exc})") from None
-        finished = True
-    finally:
-        try:
-            if proc.stdin is not None:
-                proc.stdin.close()
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
         except OSError:
             pass
         try:
-            proc.wait(timeout=5 if finished else 0.1)
+            self.proc.wait(timeout=0.1 if kill else 5)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return score
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> "MeteorProcess":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close(kill=exc[0] is not None)
+        return False
+
+
+def meteor_score(references: Mapping[str, Sequence[str]], hypotheses: Mapping[str, str],
+                 timeout_s: float | None = None) -> float:
+    """Corpus METEOR 1.5 (``-l en -norm``, as COCO runs it) of tokenised, space-joined captions."""
+    if not hypotheses:
+        return 0.0
+    with MeteorProcess() as meteor:
+        return meteor.score(references, hypotheses, timeout_s)
+
+
+def start_meteor() -> "MeteorProcess | None":
+    """A METEOR process started now, to score later (:func:`caption_scores` ``meteor=``); None
+    where METEOR cannot run (no Java, no jar)."""
+    try:
+        return MeteorProcess()
+    except _MeteorError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,13 +455,14 @@ def _sacrebleu(references: Mapping[str, Sequence[str]], hypotheses: Mapping[str,
 
 
 def caption_scores(references: dict[str, list[str]], hypotheses: dict[str, str], *,
-                   meteor: bool | None = None) -> dict:
+                   meteor: "bool | None | MeteorProcess" = None) -> dict:
     """COCO caption metrics of ``hypotheses`` (key -> caption) against ``references`` (key -> captions).
 
     Raw strings in; COCO's tokenisation (:func:`capcli.text.tokenize`) is applied inside. Only the
     images in ``hypotheses`` are scored (CIDEr-D's document frequencies come from their
     references). ``meteor``: None runs METEOR when Java and the jar are found, False skips it,
-    True requires it (:class:`~capcli.errors.UserError` when it cannot run).
+    True requires it (:class:`~capcli.errors.UserError` when it cannot run); a
+    :class:`MeteorProcess` from :func:`start_meteor` is used (and closed) instead of starting one.
 
     Returns ``bleu1``..``bleu4``, ``rouge_l``, ``meteor`` (fractions in [0, 1]; ``meteor`` None
     when skipped, with ``meteor_skipped`` saying why), ``cider`` (CIDEr-D, usual scale, x10) and
@@ -464,12 +493,16 @@ def caption_scores(references: dict[str, list[str]], hypotheses: dict[str, str],
     if meteor is False:
         scores["meteor_skipped"] = "METEOR not requested"
     else:
-        ok, reason = meteor_available()
+        ok, reason = (True, "") if isinstance(meteor, MeteorProcess) else meteor_available()
         if ok:
+            refs_text = {k: [" ".join(t) for t in v] for k, v in tok_refs.items()}
+            hyps_text = {k: " ".join(v) for k, v in tok_hyps.items()}
             try:
-                scores["meteor"] = meteor_score(
-                    {k: [" ".join(t) for t in v] for k, v in tok_refs.items()},
-                    {k: " ".join(v) for k, v in tok_hyps.items()})
+                if isinstance(meteor, MeteorProcess):
+                    with meteor:
+                        scores["meteor"] = meteor.score(refs_text, hyps_text)
+                else:
+                    scores["meteor"] = meteor_score(refs_text, hyps_text)
             except _MeteorError as exc:
                 ok, reason = False, str(exc)
         if not ok:

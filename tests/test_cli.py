@@ -21,7 +21,8 @@ EVAL_KEYS = {"bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "
 def test_help_everywhere_has_an_example(runner):
     for cmd in (["prepare", "synthetic"], ["prepare", "coco"], ["prepare", "karpathy"], ["prepare", "folder"],
                 ["train"], ["evaluate"], ["caption"], ["quickstart"], ["benchmark", "encoders"],
-                ["benchmark", "train"], ["benchmark", "decode"], ["benchmark", "prepare"], ["benchmark", "study"]):
+                ["benchmark", "train"], ["benchmark", "decode"], ["benchmark", "prepare"], ["benchmark", "study"],
+                ["export"], ["push"]):
         result = invoke(runner, [*cmd, "--help"])
         assert "Example" in result.output, cmd
 
@@ -134,7 +135,7 @@ def test_benchmark_encoders_cli(runner, tmp_path):
     (["evaluate", "{run}", "--data", "{data}", "--split", "dev"], "no split 'dev'"),
     (["caption", "{run}", "/no/images/*.png"], "no image files"),
     (["caption", "/no/ckpt.pt", "{data}/../"], "not found"),
-    (["caption", "{run}", "{data}", "--output", "x.txt"], ".json or .csv"),
+    (["caption", "{run}", "{data}", "--output", "x.txt"], ".jsonl, .json or .csv"),
     (["evaluate", "{data}/vocab.json", "--data", "{data}"], "not a readable capcli checkpoint"),
     (["benchmark", "encoders", "--encoders", "convnext_nope", "--image-size", "32", "--steps", "1"], "unknown encoder"),
 ])
@@ -217,7 +218,7 @@ def test_evaluate_a_frozen_encoder_caches_the_test_features(runner, tiny_data, t
     first evaluation, beside the training caches), with the same numbers as from the images."""
     from capcli.data.dataset import CaptionDataset
     from capcli.evaluate import evaluate_model
-    from capcli.models.captioner import captioner_from_checkpoint
+    from capcli.api import load_captioner
 
     invoke(runner, ["train", "tiny", f"data.dir={tiny_data}", f"run.dir={tmp_path}", "run.name=fz",
                     "model.finetune=false", *TINY_OVERRIDES, "data.val_max_images=2", "--device", "cpu", "-q"])
@@ -226,7 +227,7 @@ def test_evaluate_a_frozen_encoder_caches_the_test_features(runner, tiny_data, t
                     "--output", out, "--device", "cpu", "-q", "--no-meteor"])
     assert len(list((tiny_data / "features").glob("convnext_atto-*/test.h5"))) == 1
     cached = json.loads(out.read_text())
-    model, vocab, cfg, _ = captioner_from_checkpoint(tmp_path / "fz")
+    model, vocab, cfg, _ = load_captioner(tmp_path / "fz")
     direct = evaluate_model(model, CaptionDataset(tiny_data, "test"), torch.device("cpu"), beam_size=2,
                             alpha_c=cfg.train.alpha_c, meteor=False)
     assert cached["loss"] == pytest.approx(direct["loss"], rel=1e-2)  # float16 features on disk

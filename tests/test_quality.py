@@ -16,7 +16,7 @@ from capcli.data.prepare import write_dataset
 from capcli.data.synthetic import records, render, save_png
 from capcli.evaluate import evaluate_model
 from capcli.metrics import caption_scores
-from capcli.models.captioner import captioner_from_checkpoint
+from capcli.api import load_captioner
 from capcli.training import train
 
 CPU = torch.device("cpu")
@@ -32,7 +32,7 @@ def test_trained_model_captions_depend_on_the_image(tmp_path):
     cfg = load_config("tiny", [f"data.dir={data}", f"run.dir={tmp_path}", "run.name=q", "train.epochs=10",
                                "model.finetune=false", "train.lr=2e-3"])
     train(cfg, CPU)
-    model, vocab, _, _ = captioner_from_checkpoint(tmp_path / "q" / "checkpoints" / "best.pt")
+    model, vocab, _, _ = load_captioner(tmp_path / "q" / "checkpoints" / "best.pt")
     test = CaptionDataset(data, "test")
     scores = evaluate_model(model, test, CPU, beam_size=3, vocab=vocab, meteor=False)
     hyps = [c["caption"] for c in scores["captions"]]

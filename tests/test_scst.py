@@ -132,7 +132,7 @@ def test_init_from_needs_the_datasets_vocabulary(tmp_path, xe_run, runner):
 def test_scst_beats_more_cross_entropy_on_the_synthetic_scenes(tmp_path, runner):
     """From a short xe run, 3 epochs of scst raise test CIDEr-D above 3 more epochs of xe."""
     from capcli.evaluate import evaluate_model
-    from capcli.models.captioner import captioner_from_checkpoint
+    from capcli.api import load_captioner
     from tests.conftest import invoke
 
     data = tmp_path / "data"
@@ -147,7 +147,7 @@ def test_scst_beats_more_cross_entropy_on_the_synthetic_scenes(tmp_path, runner)
     test = CaptionDataset(data, "test")
     scores = {}
     for name in ("xe", "xe_more", "scst"):
-        model, vocab, _, _ = captioner_from_checkpoint(tmp_path / name / "checkpoints" / "last.pt")
+        model, vocab, _, _ = load_captioner(tmp_path / name / "checkpoints" / "last.pt")
         scores[name] = evaluate_model(model, test, CPU, beam_size=3, vocab=vocab, meteor=False)["cider"]
     (tmp_path / "scores.json").write_text(json.dumps(scores))
     print("test CIDEr-D:", scores)

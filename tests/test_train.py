@@ -228,7 +228,7 @@ def test_budget_counts_the_feature_cache(tiny_data, tmp_path):
 def test_frozen_encoder_caches_train_and_val_features(tiny_data, tmp_path):
     from capcli.data.dataset import CaptionDataset
     from capcli.evaluate import evaluate_model
-    from capcli.models.captioner import captioner_from_checkpoint
+    from capcli.api import load_captioner
 
     cached = train(cfg_for(tiny_data, tmp_path, "run.name=cached", "model.finetune=false"), CPU)
     plain = train(cfg_for(tiny_data, tmp_path, "run.name=plain", "model.finetune=false",
@@ -237,7 +237,7 @@ def test_frozen_encoder_caches_train_and_val_features(tiny_data, tmp_path):
     assert (folder / "train.h5").is_file() and (folder / "val-first3.h5").is_file()
     import h5py
 
-    model, *_ = captioner_from_checkpoint(tmp_path / "cached" / "checkpoints" / "last.pt")
+    model, *_ = load_captioner(tmp_path / "cached" / "checkpoints" / "last.pt")
     ds = CaptionDataset(tiny_data, "train")
     with h5py.File(folder / "train.h5") as f, torch.no_grad():
         regions = torch.from_numpy(f["regions"][:4]).float()

@@ -42,7 +42,8 @@ def bench_decode(encoder: str | None = None, *, beam: int = 3, images: int = 64,
     ``ended_fraction`` is the share of captions that ended with <end> before ``max_length``.
     """
     from capcli.decode import beam_search
-    from capcli.models.captioner import Captioner, captioner_from_checkpoint
+    from capcli.api import load_captioner
+    from capcli.models.captioner import Captioner
 
     device = torch.device(device)
     for key, value in (("beam", beam), ("images", images), ("max_length", max_length), ("batch", batch)):
@@ -51,7 +52,7 @@ def bench_decode(encoder: str | None = None, *, beam: int = 3, images: int = 64,
     amp_dtype = autocast_dtype(amp, device)
     note = None
     if checkpoint is not None:
-        model, voc, cfg, ckpt = captioner_from_checkpoint(checkpoint, "cpu")
+        model, voc, cfg, ckpt = load_captioner(checkpoint, "cpu")
         if encoder is not None and encoder != cfg.model.encoder:
             raise UserError(f"--encoder {encoder} does not match the checkpoint's encoder "
                             f"{cfg.model.encoder}; leave --encoder out to use the checkpoint's")

@@ -92,7 +92,7 @@ def run_study(grid: dict, device: torch.device, *, extra: list[str] | None = Non
     from capcli.data.dataset import CaptionDataset
     from capcli.evaluate import evaluate_model
     from capcli.training.runtime import autocast_dtype
-    from capcli.models.captioner import captioner_from_checkpoint
+    from capcli.api import load_captioner
     from capcli.report import write_json
     from capcli.training import train
 
@@ -117,7 +117,7 @@ def run_study(grid: dict, device: torch.device, *, extra: list[str] | None = Non
                     train(None, device, resume=run_dir, progress=progress)
             else:
                 train(cfg, device, progress=progress)
-            model, vocab, mcfg, _ = captioner_from_checkpoint(run_dir / "checkpoints" / "best.pt", device)
+            model, vocab, mcfg, _ = load_captioner(run_dir / "checkpoints" / "best.pt", device)
             dataset = CaptionDataset(cfg.data.dir, split)
             scores = evaluate_model(model, dataset, device, beam_size=beam, vocab=vocab, meteor=False,
                                     amp_dtype=autocast_dtype(mcfg.train.amp, device))

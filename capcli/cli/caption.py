@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Annotated, List, Optional
 
@@ -10,17 +9,19 @@ import typer
 
 from capcli.cli.common import DebugOpt, DeviceOpt, QuietOpt, command, resolve_device
 from capcli.errors import UserError
-from capcli.report import console, make_progress, table, write_json
+from capcli.report import console, make_progress, table
 
 
 @command
 def caption(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint .pt or run dir (uses its best.pt).")],
+    model: Annotated[str, typer.Argument(help="A trained captioner: run dir (its best.pt), checkpoint file, model folder (capcli export) or hf-hub:user/name.")],
     paths: Annotated[List[str], typer.Argument(help="Image files, folders (recursive) or glob patterns.")],
     beam: Annotated[int, typer.Option("--beam", min=1, max=50, help="Beam size (1 = greedy).")] = 3,
-    max_length: Annotated[int, typer.Option("--max-length", min=1, help="Longest caption in words.")] = 50,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", min=1, help="Longest caption in words (default: the model's).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images captioned at once.")] = 16,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write captions to .json or .csv.")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=0, help="Image-decoding worker processes (default: what this process's CPUs allow).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write captions to .jsonl (streamed as made), .json or .csv.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a stopped run: skip the files --output already has.")] = False,
     attention_maps: Annotated[Optional[Path], typer.Option("--attention-maps", help="Folder for attention heat-map PNGs.")] = None,
     block_ngrams: Annotated[int, typer.Option("--block-ngrams", min=0, help="Never repeat an n-gram of this size within a caption (0 = off; 3 is common).")] = 0,
     sample: Annotated[bool, typer.Option("--sample", help="Draw captions from the model instead of beam search: varied captions.")] = False,
@@ -33,60 +34,74 @@ def caption(
 ):
     """Caption images with a trained model.
 
+    Rows stream to --output as they are made; a stopped run continues with --resume. Under
+    torchrun the files are split across the processes and rank 0 merges their rows in input order.
+
     Examples:
       capcli caption runs/tiny examples/images/
       capcli caption runs/tiny/checkpoints/best.pt "photos/**/*.jpg" --beam 5 --output captions.csv
       capcli caption runs/tiny photo.jpg --attention-maps maps/
+      capcli caption my_model/ photos/ --output captions.jsonl --resume        (a model folder; continue a stopped run)
+      capcli caption hf-hub:user/coco-captioner photos/ --beam 5 --block-ngrams 3
       capcli caption runs/tiny photos/ --sample --temperature 0.7 --top-k 20 --seed 1
-      capcli caption runs/tiny photos/ --beam 5 --block-ngrams 3
+      torchrun --nproc_per_node 4 -m capcli caption runs/coco photos/ --output captions.jsonl
     """
-    from capcli.caption import caption_files
+    from capcli.api import Captioner
+    from capcli.caption import OUTPUT_SUFFIXES, caption_files
     from capcli.data.images import find_images
-    from capcli.training.runtime import autocast_dtype
-    from capcli.models.captioner import captioner_from_checkpoint
+    from capcli.training.runtime import cleanup_distributed, resolve_num_workers, setup_distributed
 
-    if output is not None and output.suffix.lower() not in (".json", ".csv"):
-        raise UserError(f"--output {output}: use a .json or .csv file name")
+    if output is not None and output.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise UserError(f"--output {output}: use a .jsonl, .json or .csv file name")
+    if resume and output is None:
+        raise UserError("--resume continues the run that --output names; give --output")
     if sample and attention_maps is not None:
         raise UserError("--attention-maps draws the attention of beam search; drop --sample (or the maps)")
     if not sample and (temperature != 1.0 or top_k or seed is not None):
         raise UserError("--temperature, --top-k and --seed shape sampled captions; add --sample")
-    if sample:
+    d, dev = setup_distributed(resolve_device(device))
+    if d.world > 1 and output is None:
+        raise UserError("under torchrun give --output: each process streams its rows there and rank 0 merges them")
+    quiet = quiet or not d.main
+    if sample and seed is not None:
         import torch
 
-        if seed is not None:
-            torch.manual_seed(seed)
-    dev = resolve_device(device)
-    model, vocab, cfg, ckpt = captioner_from_checkpoint(checkpoint, dev)
+        torch.manual_seed(seed + d.rank)
+    captioner = Captioner.load(model, dev)
     files = find_images(paths)
     if not files:
         raise UserError(f"no image files found in {' '.join(paths)}; give files, folders or globs "
                         "(jpg, png, bmp, gif, webp, tiff)")
-    data = ckpt.get("data", {})
-    image_size = int(data.get("image_size", 256))
-    with make_progress(quiet or len(files) < 2) as bar:
-        task = bar.add_task("caption", total=len(files), info=f"beam {beam}")
-        rows = caption_files(model, vocab, files, dev, image_size=image_size, resize=data.get("resize", "squash"),
-                             beam_size=beam, max_length=max_length, batch_size=batch_size,
-                             attention_dir=attention_maps, amp_dtype=autocast_dtype(cfg.train.amp, dev),
-                             block_ngrams=block_ngrams,
-                             sample={"temperature": temperature, "top_k": top_k} if sample else None,
-                             progress=lambda done, n: bar.update(task, completed=done))
+
+    def barrier() -> None:
+        if d.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    try:
+        with make_progress(quiet or len(files) < 2) as bar:
+            task = bar.add_task("caption", total=len(files), info=f"beam {beam}" if not sample else "sampling")
+            rows = caption_files(
+                captioner, files, output=output, resume=resume, rank=d.rank, world=d.world, barrier=barrier,
+                progress=lambda done, n: bar.update(task, completed=done),
+                beam_size=beam, max_length=max_length, block_ngrams=block_ngrams,
+                sample={"temperature": temperature, "top_k": top_k} if sample else None, batch_size=batch_size,
+                num_workers=resolve_num_workers("auto" if workers is None else workers, d),
+                attention_dir=attention_maps)
+    finally:
+        cleanup_distributed(d)
+    if rows is None:  # not rank 0
+        return
+    failed = sum(r["caption"] is None for r in rows)
     how = f"sampled at temperature {temperature:g}" + (f", top-{top_k}" if top_k else "") if sample else f"beam {beam}"
-    console.print(table(f"Captions ({checkpoint}, {how})", ["file", "caption"],
-                        [(r["file"], r["caption"] if r["caption"] is not None else f"[red]error: {r['error']}")
-                         for r in rows]))
-    if output is not None:
-        if output.suffix.lower() == ".json":
-            write_json(output, rows)
-        else:
-            output.parent.mkdir(parents=True, exist_ok=True)
-            with open(output, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=["file", "caption", "error", "attention_map"], extrasaction="ignore")
-                w.writeheader()
-                w.writerows(rows)
-        console.print(f"wrote {output}")
+    if len(rows) <= 50 and not quiet:
+        console.print(table(f"Captions ({model}, {how})", ["file", "caption"],
+                            [(r["file"], r["caption"] if r["caption"] is not None else f"error: {r['error']}")
+                             for r in rows]))
+    console.print(f"{len(rows) - failed} image(s) captioned, {failed} unreadable ({how})"
+                  + (f"; wrote {output}" if output is not None else ""), highlight=False)
     if attention_maps is not None:
         console.print(f"attention maps in {attention_maps}")
-    if all(r["caption"] is None for r in rows):
+    if rows and failed == len(rows):
         raise UserError("no image could be read; see the errors above")

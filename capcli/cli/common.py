@@ -18,24 +18,11 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks on
 
 
 def resolve_device(spec: str):
-    """'auto' -> cuda if available else cpu; validates 'cuda:N'."""
-    import torch
+    """'auto' -> cuda if available else cpu (see :func:`capcli.training.runtime.resolve_device`;
+    imported when called, so that `--help` does not load torch)."""
+    from capcli.training.runtime import resolve_device as resolve
 
-    spec = (spec or "auto").strip().lower()
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as exc:
-        raise UserError(f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {spec}: CUDA is not available on this machine; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif device.type not in ("cpu", "mps"):
-        raise UserError(f"--device {spec!r} is not supported; use auto, cpu, cuda or cuda:N")
-    return device
+    return resolve(spec)
 
 
 def fail(message: str) -> None:

@@ -14,7 +14,7 @@ from capcli.report import console, make_progress, metrics_table, write_json
 
 @command
 def evaluate(
-    checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint .pt or run dir (uses its best.pt).")] = None,
+    checkpoint: Annotated[Optional[str], typer.Argument(help="A trained captioner: run dir (its best.pt), checkpoint file, model folder (capcli export) or hf-hub:user/name.")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Dataset dir (default: the one the model trained on).")] = None,
     split: Annotated[str, typer.Option("--split", help="Split to score.")] = "test",
     beam: Annotated[int, typer.Option("--beam", min=1, max=50, help="Beam size (1 = greedy).")] = 3,
@@ -23,7 +23,7 @@ def evaluate(
     max_images: Annotated[int, typer.Option("--max-images", min=0, help="Score only the first N images (0 = all).")] = 0,
     block_ngrams: Annotated[int, typer.Option("--block-ngrams", min=0, help="Never repeat an n-gram of this size within a caption (0 = off).")] = 0,
     results: Annotated[Optional[Path], typer.Option("--results", help="Score this COCO results file instead of a model.")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="eval.json path; captions.json goes beside it.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="eval.json path; captions.json goes beside it (default: RUN/eval-SPLIT/ for a run, else ./eval.json).")] = None,
     meteor: Annotated[Optional[bool], typer.Option("--meteor/--no-meteor", help="METEOR needs Java; default: when available.")] = None,
     workers: Annotated[int, typer.Option("--workers", min=0, help="DataLoader workers.")] = 0,
     device: DeviceOpt = "auto",
@@ -56,10 +56,10 @@ def evaluate(
         return
     if checkpoint is None:
         raise UserError("give a CHECKPOINT (file or run dir) or --results captions.json")
-    from capcli.models.captioner import captioner_from_checkpoint
+    from capcli.api import load_captioner
 
     dev = resolve_device(device)
-    model, vocab, cfg, ckpt = captioner_from_checkpoint(checkpoint, dev)
+    model, vocab, cfg, ckpt = load_captioner(checkpoint, dev)
     data = data or Path(ckpt.get("data", {}).get("dir", cfg.data.dir))
     dataset = CaptionDataset(data, split, max_images=max_images)
     amp_dtype = autocast_dtype(cfg.train.amp, dev)

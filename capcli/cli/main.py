@@ -6,6 +6,7 @@ import typer
 
 from capcli import __version__
 from capcli.cli import benchmark, caption, evaluate, prepare, quickstart, train
+from capcli.cli import export
 
 app = typer.Typer(
     name="capcli",
@@ -20,6 +21,8 @@ app.add_typer(prepare.app, name="prepare")
 app.command("train")(train.train)
 app.command("evaluate")(evaluate.evaluate)
 app.command("caption")(caption.caption)
+app.command("export")(export.export)
+app.command("push")(export.push)
 app.add_typer(benchmark.app, name="benchmark")
 app.command("quickstart")(quickstart.quickstart)
 

@@ -38,7 +38,7 @@ def quickstart(
     from capcli.data.prepare import write_dataset
     from capcli.data.synthetic import records, render, save_png
     from capcli.evaluate import evaluate_model, score_results
-    from capcli.models.captioner import captioner_from_checkpoint
+    from capcli.api import Captioner
     from capcli.cli.prepare import run_with_progress
     from capcli.cli.train import training_progress
     from capcli.errors import UserError
@@ -67,9 +67,9 @@ def quickstart(
     run_dir = Path(summary["run_dir"])
 
     step(3, f"evaluate: test split, beam {beam}, no teacher forcing")
-    model, vocab, mcfg, _ = captioner_from_checkpoint(run_dir / "checkpoints" / "best.pt", dev)
+    captioner = Captioner.load(run_dir / "checkpoints" / "best.pt", dev)
     test = CaptionDataset(data_dir, "test")
-    scores = evaluate_model(model, test, dev, beam_size=beam, vocab=vocab)
+    scores = evaluate_model(captioner.model, test, dev, beam_size=beam, vocab=captioner.vocab)
     captions = scores.pop("captions")
     eval_dir = run_dir / "eval-test"
     write_json(eval_dir / "eval.json", scores)
@@ -96,8 +96,7 @@ def quickstart(
         path = img_dir / r.file_name
         save_png(r.source, path, size)
         files.append(path)
-    rows = caption_files(model, vocab, files, dev, image_size=size, beam_size=beam,
-                         attention_dir=out / "attention")
+    rows = caption_files(captioner, files, beam_size=beam, attention_dir=out / "attention")
     write_json(out / "captions.json", rows)
     refs = {str(img_dir / r.file_name): r.captions[0] for r in test_recs}
     console.print(table("Captions of test images", ["file", "caption", "a reference"],

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from capcli import checkpoint
-from capcli.config import Config, ModelConfig, config_from_dict
-from capcli.data.vocab import Vocab
-from capcli.errors import UserError
+from capcli.config import ModelConfig
 from capcli.models.decoder import Decoder
 from capcli.models.encoder import Encoder
 
@@ -61,20 +57,3 @@ class Captioner(nn.Module):
         if enc:
             groups.append({"params": enc, "lr": encoder_lr, "name": "encoder"})
         return groups
-
-
-def captioner_from_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
-    """(model in eval mode, vocab, config, checkpoint dict) from a checkpoint file."""
-    ckpt = checkpoint.load(path)
-    cfg: Config = config_from_dict(ckpt["config"])
-    vocab = Vocab(ckpt["vocab"])
-    model = Captioner(cfg.model, len(vocab), pretrained=False)  # weights come from the state dict
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:  # weights that do not fit the model this capcli builds
-        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-        raise UserError(f"checkpoint {path} does not fit this capcli's model (made by capcli "
-                        f"{ckpt.get('capcli_version', '?')}; {first[:160]}); retrain, or use that "
-                        "capcli version") from exc
-    model.to(device).eval()
-    return model, vocab, cfg, ckpt

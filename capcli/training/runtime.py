@@ -50,6 +50,25 @@ def setup_distributed(device: torch.device) -> tuple[Dist, torch.device]:
     return Dist(rank, world, local, local_world), device
 
 
+def resolve_device(spec: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; validates 'cuda:N'."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise UserError(f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {spec}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type not in ("cpu", "mps"):
+        raise UserError(f"--device {spec!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return device
+
+
 def cleanup_distributed(d: Dist) -> None:
     if d.world > 1 and dist.is_initialized():
         dist.barrier()

@@ -36,7 +36,7 @@ from capcli.errors import UserError
 from capcli.evaluate import evaluate_model
 from capcli.models.captioner import Captioner
 from capcli.training.objectives import TrainStep, build_objective
-from capcli.training.runtime import (Dist, all_reduce_sum, autocast_dtype, broadcast_from_main,
+from capcli.training.runtime import (all_reduce_sum, autocast_dtype, broadcast_from_main,
                                      cleanup_distributed, resolve_num_workers, seed_everything,
                                      setup_distributed)
 from capcli.training.schedules import LRSchedule, tf_ratio
@@ -332,7 +332,7 @@ class Trainer:
     def train_epoch(self) -> None:
         """The rest of the current epoch (all of it unless resumed midway), validating on schedule;
         stops early for the budget, a signal or early stopping (``self.stop_reason``)."""
-        cfg, d = self.cfg, self.d
+        cfg = self.cfg
         self.sampler.set_epoch(self.epoch, self.batch_in_epoch * self.images_per_batch)
         self.model.train()
         ratio = tf_ratio(cfg.train, self.step, self.total_steps)

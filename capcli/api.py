@@ -1,0 +1,145 @@
+"""The Python API: a trained captioner in one line, the same engine as `capcli caption`/`evaluate`.
+
+    from capcli import Captioner
+    cap = Captioner.load("runs/coco")           # run dir, checkpoint file, model folder, "hf-hub:user/name"
+    cap.caption(["a.jpg", pil_image, uint8_tensor], beam=3)       # -> list of captions
+    cap.caption_with_attention("a.jpg")         # words + one attention grid per word
+
+Preprocessing is the model's own: the image size and resize policy it was trained with (stored
+with it) and the backbone's mean/std (inside the encoder), the same path as `prepare`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from capcli import checkpoint
+from capcli.config import Config, config_from_dict
+from capcli.data.vocab import Vocab
+from capcli.errors import UserError
+
+ImageLike = Any  # a path (str | Path), a PIL image, a uint8 array/tensor (H, W, 3) or (3, H, W)
+
+
+def load_captioner(source: str | Path, device: torch.device | str = "cpu"):
+    """(model in eval mode on ``device``, vocab, config, state) from any MODEL source (see
+    :func:`capcli.checkpoint.read_model`)."""
+    from capcli.models.captioner import Captioner as CaptionerModel
+
+    state = checkpoint.read_model(source)
+    cfg: Config = config_from_dict(state["config"])
+    vocab = Vocab(state["vocab"])
+    model = CaptionerModel(cfg.model, len(vocab), pretrained=False)  # weights come from the state dict
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:  # weights that do not fit the model this capcli builds
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise UserError(f"model {source} does not fit this capcli's model (made by capcli "
+                        f"{state['capcli_version']}; {first[:160]}); retrain, or use that capcli version") from exc
+    model.to(device).eval()
+    return model, vocab, cfg, state
+
+
+def to_uint8_image(image: ImageLike, size: int, resize: str = "squash") -> np.ndarray:
+    """Any supported image input -> uint8 (3, size, size), through the one preprocessing path."""
+    from PIL import Image
+
+    from capcli.data.images import load_image, prepare_image
+
+    if isinstance(image, (str, Path)):
+        return load_image(image, size, resize)
+    if isinstance(image, Image.Image):
+        return prepare_image(image, size, resize)
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise UserError(f"image arrays must be uint8 (0-255), got {image.dtype}; scale and convert first")
+        if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3):
+            image = image.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
+        if image.ndim == 3 and image.shape[-1] == 1:
+            image = image[..., 0]
+        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] != 3):
+            raise UserError(f"image array of shape {tuple(image.shape)}: give (H, W, 3), (3, H, W) or (H, W)")
+        return prepare_image(Image.fromarray(image), size, resize)
+    raise UserError(f"cannot caption a {type(image).__name__}: give a path, a PIL image or a uint8 array/tensor")
+
+
+@dataclass
+class Captioner:
+    """A trained captioner ready to caption: the model, its vocabulary and its preprocessing."""
+
+    model: torch.nn.Module
+    vocab: Vocab
+    config: Config
+    image_size: int
+    resize: str = "squash"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    amp_dtype: torch.dtype | None = None
+    max_length: int = 50
+    source: str = ""
+
+    @classmethod
+    def load(cls, source: str | Path, device: str | torch.device = "auto") -> "Captioner":
+        """From a run dir, a checkpoint file, a model folder (`capcli export`) or ``hf-hub:user/name``."""
+        from capcli.training.runtime import autocast_dtype
+
+        device = _device(device)
+        model, vocab, cfg, state = load_captioner(source, device)
+        data = state["data"]
+        size = int(data.get("image_size") or cfg.model.image_size or 224)
+        return cls(model, vocab, cfg, size, data.get("resize", "squash"), device,
+                   autocast_dtype(cfg.train.amp, device), int(data.get("max_length") or 50), str(source))
+
+    def preprocess(self, images: Iterable[ImageLike]) -> torch.Tensor:
+        """uint8 (B, 3, S, S) on the model's device, as the model was trained to see them."""
+        arrays = [to_uint8_image(im, self.image_size, self.resize) for im in images]
+        return torch.from_numpy(np.stack(arrays)).to(self.device)
+
+    @torch.inference_mode()
+    def caption(self, images: ImageLike | Sequence[ImageLike], *, beam: int = 3, max_length: int | None = None,
+                block_ngrams: int = 0, batch_size: int = 16, sample: dict | None = None) -> list[str] | str:
+        """Captions of ``images`` (a list gives a list; one image gives one string). ``sample``
+        (``{"temperature": T, "top_k": K}``) draws captions instead of beam search."""
+        from capcli.evaluate import generate
+
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        out: list[str] = []
+        for i in range(0, len(items), batch_size):
+            texts, _ = generate(self.model, self.vocab, self.preprocess(items[i:i + batch_size]), beam_size=beam,
+                                max_length=max_length or self.max_length, block_ngrams=block_ngrams,
+                                amp_dtype=self.amp_dtype, sample=sample)
+            out.extend(texts)
+        return out[0] if single else out
+
+    @torch.inference_mode()
+    def caption_with_attention(self, image: ImageLike, *, beam: int = 3, max_length: int | None = None,
+                               block_ngrams: int = 0) -> dict:
+        """``caption``, ``words``, ``attention`` (one weight map per word and the <end>: (T, g, g)
+        for a square g x g grid, else (T, P)) and ``image`` (the uint8 (3, S, S) the model saw)."""
+        from capcli.evaluate import generate
+
+        pixels = self.preprocess([image])
+        texts, result = generate(self.model, self.vocab, pixels, beam_size=beam,
+                                 max_length=max_length or self.max_length, block_ngrams=block_ngrams,
+                                 return_alphas=True, amp_dtype=self.amp_dtype)
+        words = [self.vocab.itos[t] for t in result.tokens[0]]
+        alphas = result.alphas[0, : len(words) + 1].float().cpu().numpy()
+        g = int(round(alphas.shape[-1] ** 0.5))
+        if g * g == alphas.shape[-1]:
+            alphas = alphas.reshape(len(alphas), g, g)
+        return {"caption": texts[0], "words": words, "attention": alphas, "image": pixels[0].cpu().numpy()}
+
+
+def _device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    from capcli.training.runtime import resolve_device
+
+    return resolve_device(device)
