@@ -93,3 +93,146 @@ def test_loss_masks_padding_and_adds_attention_penalty():
     assert math.isclose(loss.item(), ce.item() + penalty, rel_tol=1e-6)
     loss0, _, _ = caption_loss(logits, targets, alphas, lengths, alpha_c=0.0)
     assert math.isclose(loss0.item(), ce.item(), rel_tol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the fused training pass
+
+CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def weighted_sum(logits, alphas):
+    """A loss that reaches every logit and every attention weight with its own weight."""
+    g = torch.Generator().manual_seed(3)
+    wl = torch.randn(logits.shape, generator=g, dtype=logits.dtype)
+    wa = torch.randn(alphas.shape, generator=g, dtype=alphas.dtype)
+    return (logits * wl).sum() + (alphas * wa).sum()
+
+
+def grads_of(dec, feats, run):
+    """Gradients of weighted_sum(run()) for every parameter and the features, by name."""
+    dec.zero_grad(set_to_none=True)
+    feats.grad = None
+    weighted_sum(*run()).backward()
+    return {"feats": feats.grad.clone(), **{k: p.grad.clone() for k, p in dec.named_parameters()}}
+
+
+def test_fast_path_gradients_equal_autograd_through_the_reference(setup):
+    dec, feats, captions = setup
+    feats.requires_grad_()
+    fast = grads_of(dec, feats, lambda: dec(feats, captions, tf_ratio=1.0))
+    ref = grads_of(dec, feats, lambda: manual_forward(dec, feats, captions))
+    assert fast.keys() == ref.keys()
+    for name in ref:
+        # full_att.bias shifts every score equally: its true gradient is 0, both sides give rounding noise
+        torch.testing.assert_close(fast[name], ref[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
+def reference_scheduled(dec, feats, captions, ratio):
+    """Scheduled sampling written step by step through the modules (Decoder.step / Decoder.logits),
+    drawing as the decoder does: per step the dropout of the logits, then (for 0 < ratio < 1) one
+    uniform per caption."""
+    enc_proj = dec.attention.project(feats)
+    h, c = dec.init_state(feats)
+    token, logits, alphas = captions[:, 0], [], []
+    for t in range(captions.size(1) - 1):
+        h, c, alpha = dec.step(token, feats, enc_proj, h, c)
+        logit = dec.logits(h)
+        logits.append(logit)
+        alphas.append(alpha)
+        token = logit.argmax(-1)
+        if ratio > 0:
+            token = torch.where(torch.rand(captions.size(0)) < ratio, captions[:, t + 1], token)
+    return torch.stack(logits, 1), torch.stack(alphas, 1)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.0])
+@pytest.mark.parametrize("train", [False, True])
+def test_scheduled_sampling_equals_the_step_by_step_loop(setup, ratio, train):
+    dec, feats, captions = setup
+    dec.train(train)  # with dropout on, the fed-back argmax depends on the dropout draws too
+    feats.requires_grad_()
+    torch.manual_seed(7)
+    logits, alphas = dec(feats, captions, tf_ratio=ratio)
+    torch.manual_seed(7)
+    ref_logits, ref_alphas = reference_scheduled(dec, feats, captions, ratio)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(alphas, ref_alphas, rtol=1e-10, atol=1e-10)
+    torch.manual_seed(7)
+    fast = grads_of(dec, feats, lambda: dec(feats, captions, tf_ratio=ratio))
+    torch.manual_seed(7)
+    ref = grads_of(dec, feats, lambda: reference_scheduled(dec, feats, captions, ratio))
+    for name in ref:
+        torch.testing.assert_close(fast[name], ref[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_step_gives_what_the_training_pass_gives(setup):
+    """Beam search decodes with step() and logits(): the fused pass must agree with them."""
+    dec, feats, captions = setup
+    logits, alphas = dec(feats, captions)
+    enc_proj = dec.attention.project(feats)
+    h, c = dec.init_state(feats)
+    for t in range(captions.size(1) - 1):
+        h, c, alpha = dec.step(captions[:, t], feats, enc_proj, h, c)
+        torch.testing.assert_close(dec.logits(h), logits[:, t], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(alpha, alphas[:, t], rtol=1e-10, atol=1e-10)
+
+
+# the parameters every capcli decoder has saved (vocab 23, enc 16, emb 8, att 12, dec 10)
+CHECKPOINT_LAYOUT = {
+    "attention.enc_att.weight": (12, 16), "attention.enc_att.bias": (12,),
+    "attention.dec_att.weight": (12, 10), "attention.dec_att.bias": (12,),
+    "attention.full_att.weight": (1, 12), "attention.full_att.bias": (1,),
+    "embedding.weight": (23, 8),
+    "lstm.weight_ih": (40, 24), "lstm.weight_hh": (40, 10), "lstm.bias_ih": (40,), "lstm.bias_hh": (40,),
+    "init_h.weight": (10, 16), "init_h.bias": (10,), "init_c.weight": (10, 16), "init_c.bias": (10,),
+    "f_beta.weight": (16, 10), "f_beta.bias": (16,),
+    "fc.weight": (23, 10), "fc.bias": (23,),
+}
+
+
+def test_checkpoints_of_the_earlier_layout_load(setup):
+    dec, feats, captions = setup
+    assert {k: tuple(v.shape) for k, v in dec.state_dict().items()} == CHECKPOINT_LAYOUT
+    g = torch.Generator().manual_seed(5)
+    saved = {k: 0.3 * torch.randn(shape, generator=g, dtype=torch.float64) for k, shape in CHECKPOINT_LAYOUT.items()}
+    dec.load_state_dict(saved)  # strict: same keys, same shapes
+    logits, alphas = dec(feats, captions)
+    ref_logits, ref_alphas = manual_forward(dec, feats, captions)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(alphas, ref_alphas, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.bfloat16),
+                                          pytest.param("cuda", torch.bfloat16, marks=CUDA),
+                                          pytest.param("cuda", torch.float16, marks=CUDA)])
+def test_autocast_keeps_dtypes_and_stays_near_full_precision(device, dtype):
+    torch.manual_seed(0)
+    dec = Decoder(vocab_size=50, enc_dim=32, emb_dim=16, att_dim=24, dec_dim=20, dropout=0.0).to(device)
+    feats = torch.randn(6, 7, 32, device=device)
+    captions = torch.randint(4, 50, (6, 9), device=device)
+    captions[:, 0] = 1
+
+    def run(amp: bool, ratio: float):
+        dec.zero_grad(set_to_none=True)
+        f = feats.clone().requires_grad_()
+        with torch.autocast(device, dtype=dtype, enabled=amp):
+            logits, alphas = dec(f, captions, tf_ratio=ratio)
+        (logits.float().logsumexp(-1).mean() + (alphas.float() ** 2).sum()).backward()
+        return logits, alphas, {"feats": f.grad, **{k: p.grad for k, p in dec.named_parameters()}}
+
+    for ratio in (1.0, 0.0):
+        logits, alphas, grads = run(True, ratio)
+        # as the modules give them under autocast: low-precision logits, float32 attention
+        # (its softmax runs in float32, so the weights still sum to 1 to float32 precision)
+        assert logits.dtype == dtype and alphas.dtype == torch.float32
+        torch.testing.assert_close(alphas.sum(-1), torch.ones(6, 8, device=device))
+        assert all(torch.isfinite(g).all() for g in grads.values())
+    # teacher forcing reads the same tokens at either precision: compare with float32
+    logits, alphas, grads = run(True, 1.0)
+    ref_logits, ref_alphas, ref_grads = run(False, 1.0)
+    tol = 0.1 if dtype == torch.bfloat16 else 0.02
+    assert (logits.float() - ref_logits).abs().max() <= tol * ref_logits.abs().max()
+    assert (alphas - ref_alphas).abs().max() <= tol * ref_alphas.abs().max()
+    for name, ref in ref_grads.items():
+        if name != "attention.full_att.bias":  # a true gradient of 0: rounding noise only
+            assert (grads[name].float() - ref).abs().max() <= tol * ref.abs().max(), name

@@ -32,7 +32,7 @@ def bench_train(encoder: str, *, image_size: int = 224, batch: int = 32, mode: s
     reading them from disk).
     """
     from capcli.models.captioner import Captioner
-    from capcli.training.objectives import TrainStep, XEObjective
+    from capcli.training.objectives import TrainStep, XEObjective, make_adam
 
     device = torch.device(device)
     if mode not in MODES:
@@ -63,7 +63,7 @@ def bench_train(encoder: str, *, image_size: int = 224, batch: int = 32, mode: s
         meter = PeakMemory(device).start()
         try:
             model.to(device).train()
-            optimizer = torch.optim.Adam(model.trainable_groups(lr=4e-4, encoder_lr=1e-4))
+            optimizer = make_adam(model.trainable_groups(lr=4e-4, encoder_lr=1e-4))
             scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
             step = TrainStep(XEObjective(model, alpha_c=1.0), optimizer, scaler, device, amp_dtype, grad_clip)
             captions, lengths = random_captions(images, captions_per_image, max_length, vocab, device)

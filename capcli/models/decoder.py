@@ -4,9 +4,15 @@ from the mean region feature, dropout before the vocabulary projection.
 Teacher forcing (ratio 1) runs the LSTM step by step and the vocabulary projection over all steps
 at once; a ratio below 1 (free-running or scheduled sampling) feeds back the model's own argmax with
 probability 1 - ratio, which needs the projection at every step.
+
+Training runs the recurrence in :class:`_Recurrence`, a fused forward with a hand-written backward;
+:meth:`Decoder.step` (one step through the modules) serves beam search and is the reference the
+fused code must agree with.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -62,30 +68,215 @@ class Decoder(nn.Module):
         """
         if enc_proj is None:
             enc_proj = self.attention.project(feats)
-        n, steps = captions.size(0), captions.size(1) - 1
         h, c = self.init_state(feats)
-        hs, alphas, step_logits = [], [], []
-        token = captions[:, 0]
-        for t in range(steps):
-            h, c, alpha = self.step(token, feats, enc_proj, h, c)
-            alphas.append(alpha)
-            if tf_ratio >= 1.0:
-                hs.append(h)
-                token = captions[:, t + 1]
-                continue
-            logit = self.logits(h)
-            step_logits.append(logit)
-            predicted = logit.argmax(dim=-1)
-            if tf_ratio <= 0.0:
-                token = predicted
+        # A Linear's output has the dtype matmuls run in (autocast's when it is on, else the
+        # parameters'): the recurrence runs with autocast off and every operand cast to it.
+        dtype = h.dtype
+        att, lstm = self.attention, self.lstm
+        # the attention query, the context gate and the hidden-to-gates product all read the
+        # previous h: one GEMM per step; both LSTM biases ride along with the last
+        w_h = torch.cat([att.dec_att.weight, self.f_beta.weight, lstm.weight_hh])
+        b_h = torch.cat([att.dec_att.bias, self.f_beta.bias, lstm.bias_ih + lstm.bias_hh])
+        teacher = tf_ratio >= 1.0
+        fc_w, fc_b = (None, None) if teacher else (self.fc.weight.to(dtype), self.fc.bias.to(dtype))
+        out, alphas = _Recurrence.apply(
+            feats.to(dtype), enc_proj.to(dtype), h, c.to(dtype), w_h.to(dtype), b_h.to(dtype),
+            lstm.weight_ih.to(dtype), att.full_att.weight.view(-1).to(dtype), att.full_att.bias.to(dtype),
+            self.embedding.weight.to(dtype), fc_w, fc_b, captions, float(tf_ratio),
+            self.dropout.p if self.dropout.training else 0.0, feats.dtype)
+        if teacher:
+            return self.logits(out), alphas  # one projection over all steps
+        return out, alphas
+
+
+def _autocast_off(device_type: str):
+    """Autocast disabled where the device has autocast (the meta device, used to build models
+    without memory, has none)."""
+    available = getattr(torch.amp, "is_autocast_available", lambda d: d in ("cpu", "cuda"))
+    return torch.autocast(device_type, enabled=False) if available(device_type) else contextlib.nullcontext()
+
+
+class _Recurrence(torch.autograd.Function):
+    """All steps of :meth:`Decoder.step` (plus, below ratio 1, the per-step logits and the token fed
+    back) with a hand-written backward through time.
+
+    Why by hand: under autograd every step's matmuls compute and accumulate their own full-size
+    weight gradients (the LSTM and attention weights, ~13 MB a step at the default sizes), which
+    dominated the training step on a CPU. Here the backward loop only carries the activation
+    gradients and each weight gradient is one GEMM over all steps at the end. With teacher forcing
+    the embedding half of the LSTM input projection is also one GEMM over all steps.
+
+    Buffers are time-major (T, N, ...) so a step reads and writes contiguous slices.
+    Inputs are in the compute dtype already (see Decoder.forward); the softmax runs in at least
+    float32 and the alphas are returned in ``alpha_dtype`` (the features' dtype), as
+    :class:`SoftAttention` does.
+    Returns (N, T, H) hidden states with teacher forcing (``fc_w`` None), else (N, T, V) logits;
+    and (N, T, P) attention weights.
+    """
+
+    @staticmethod
+    def forward(ctx, feats, enc_proj, h0, c0, w_h, b_h, w_x, w_full, b_full, emb_w, fc_w, fc_b,
+                captions, tf_ratio, p_drop, alpha_dtype):
+        with _autocast_off(feats.device.type):
+            n, regions, enc_dim = feats.shape
+            att_dim, hid, emb_dim = enc_proj.size(2), h0.size(1), emb_w.size(1)
+            steps = captions.size(1) - 1
+            dtype = h0.dtype
+            teacher = fc_w is None
+            hs = h0.new_empty(steps + 1, n, hid)
+            cs = c0.new_empty(steps + 1, n, hid)
+            hs[0], cs[0] = h0, c0
+            acts = h0.new_empty(steps, n, 4 * hid)  # i, f, g, o after their nonlinearities
+            # dec_att(h): backward rebuilds relu(enc_proj + query) from it rather than keep that
+            # (N, P, A) tensor per step: written into a slice of a big buffer it misses the cache
+            # where a recycled temporary hits it (measured 4x slower for that add and relu)
+            queries = h0.new_empty(steps, n, att_dim)
+            gate = h0.new_empty(steps, n, enc_dim)
+            context = h0.new_empty(steps, n, enc_dim)
+            x = h0.new_empty(steps, n, emb_dim + enc_dim)  # LSTM input: [embedding, gated context]
+            alphas = h0.new_empty(steps, n, regions, dtype=torch.promote_types(dtype, torch.float32))
+            w_ctx = w_x[:, emb_dim:]
+            b_h = b_h.unsqueeze(1)
+            masks = logits = None
+            if teacher:
+                tokens = captions[:, :-1].t()
+                x[:, :, :emb_dim] = emb_w[tokens]
+                # (4H, T*N), column t*N + n: in the transposed layout of the step's gates (below)
+                x_gates = torch.mm(w_x[:, :emb_dim], x[:, :, :emb_dim].reshape(steps * n, emb_dim).t())
             else:
-                use_truth = torch.rand(n, device=captions.device) < tf_ratio
-                token = torch.where(use_truth, captions[:, t + 1], predicted)
-        if tf_ratio >= 1.0:
-            logits = self.logits(torch.stack(hs, dim=1))  # one projection over all steps
-        else:
-            logits = torch.stack(step_logits, dim=1)
-        return logits, torch.stack(alphas, dim=1)
+                tokens = captions.new_empty(steps, n)
+                tokens[0] = captions[:, 0]
+                logits = h0.new_empty(steps, n, fc_w.size(0))
+                if p_drop > 0:
+                    masks = h0.new_empty(steps, n, hid)
+            # Products are formed transposed, W @ x^T, and read back through transposed views: with a
+            # few rows of x, CPU BLAS runs x @ W^T about twice as slow (the weight is read against
+            # its layout).
+            for t in range(steps):
+                z = torch.addmm(b_h, w_h, hs[t].t())  # (A + E + 4H, N)
+                query, gate_in, z_gates = z.split([att_dim, enc_dim, 4 * hid])
+                queries[t] = query.t()  # contiguous: the broadcast add below is ~3x slower on a view
+                pre = torch.relu_(enc_proj + queries[t].unsqueeze(1))
+                scores = torch.addmv(b_full, pre.view(n * regions, att_dim), w_full).view(n, regions)
+                alpha = torch.softmax(scores, dim=1, dtype=alphas.dtype)
+                alphas[t] = alpha
+                context[t] = torch.bmm(alpha.to(dtype).unsqueeze(1), feats).squeeze(1)
+                torch.sigmoid(gate_in.t(), out=gate[t])
+                torch.mul(gate[t], context[t], out=x[t, :, emb_dim:])
+                if teacher:
+                    z_gates = z_gates + x_gates[:, t * n:(t + 1) * n]
+                    gates = torch.addmm(z_gates, w_ctx, x[t, :, emb_dim:].t()).t()
+                else:
+                    x[t, :, :emb_dim] = emb_w[tokens[t]]
+                    gates = torch.addmm(z_gates, w_x, x[t].t()).t()
+                act = acts[t]
+                torch.sigmoid(gates, out=act)  # one call for all four; g's quarter is redone as tanh
+                torch.tanh(gates[:, 2 * hid:3 * hid], out=act[:, 2 * hid:3 * hid])
+                i, f, g, o = act.chunk(4, dim=1)
+                torch.addcmul(f * cs[t], i, g, out=cs[t + 1])
+                torch.mul(o, torch.tanh(cs[t + 1]), out=hs[t + 1])
+                if teacher:
+                    continue
+                h_out = hs[t + 1]
+                if masks is not None:
+                    # the same draws as nn.Dropout on h (they depend on the shape only), kept as a mask
+                    masks[t] = F.dropout(torch.ones_like(h_out), p_drop)
+                    h_out = h_out * masks[t]
+                logits[t] = torch.addmm(fc_b.unsqueeze(1), fc_w, h_out.t()).t()
+                predicted = logits[t].argmax(dim=-1)
+                if tf_ratio <= 0.0:
+                    token = predicted
+                else:  # drawn at every step, the last included, as the step-by-step loop always did
+                    use_truth = torch.rand(n, device=captions.device) < tf_ratio
+                    token = torch.where(use_truth, captions[:, t + 1], predicted)
+                if t + 1 < steps:
+                    tokens[t + 1] = token
+        ctx.save_for_backward(feats, enc_proj, w_h, w_x, w_full, emb_w, fc_w, hs, cs, acts, queries,
+                              gate, context, x, alphas, tokens, masks)
+        out = hs[1:] if teacher else logits
+        return (out.transpose(0, 1).contiguous(),
+                alphas.transpose(0, 1).to(alpha_dtype, memory_format=torch.contiguous_format, copy=True))
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_alphas):
+        (feats, enc_proj, w_h, w_x, w_full, emb_w, fc_w, hs, cs, acts, queries, gate, context, x,
+         alphas, tokens, masks) = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        with _autocast_off(feats.device.type):
+            steps, n, hid = acts.size(0), acts.size(1), hs.size(2)
+            regions, enc_dim, att_dim, emb_dim = feats.size(1), feats.size(2), queries.size(2), emb_w.size(1)
+            dtype = hs.dtype
+            rows = steps * n
+            grad_fc_w = grad_fc_b = None
+            if fc_w is None:
+                dh_out = grad_out.transpose(0, 1).to(dtype)
+            else:
+                d_logits = grad_out.transpose(0, 1).to(dtype).reshape(rows, -1)
+                h_fc = hs[1:] if masks is None else hs[1:] * masks
+                grad_fc_w = d_logits.t() @ h_fc.reshape(rows, hid)
+                grad_fc_b = d_logits.sum(0)
+                dh_out = (d_logits @ fc_w).view(steps, n, hid)
+                if masks is not None:
+                    dh_out = dh_out * masks
+            d_alpha_out = grad_alphas.transpose(0, 1).to(alphas.dtype)
+            # gradients of z = [query, gate_in, gates] per step; weight gradients come from it at the end
+            dz = hs.new_empty(steps, n, att_dim + enc_dim + 4 * hid)
+            d_query, d_gate_in, d_gates = dz.split([att_dim, enc_dim, 4 * hid], dim=2)
+            d_context = context.new_empty(steps, n, enc_dim) if need[0] else None
+            # With r_t = relu'(enc_proj + query_t) (a 0/1 mask) and s_t = d_scores_t:
+            #   d query_t = w_full * sum_p s_t r_t            (m_t below, times w_full)
+            #   d enc_proj = w_full * sum_t s_t r_t          (acc below, times w_full at the end)
+            #   d w_full = sum_{t,n,p} s_t r_t (enc_proj + query_t), which regroups into the sums
+            #     of enc_proj * acc and query_t * m_t: no per-step pass over the relu output for it
+            d_scores = hs.new_empty(steps, n, regions)
+            m = hs.new_empty(steps, n, att_dim)
+            acc = torch.zeros_like(enc_proj)
+            work = torch.empty_like(enc_proj)
+            w_ctx = w_x[:, emb_dim:].contiguous()  # read at every step below: strided, ~1.6x slower
+            dh = torch.zeros_like(hs[0])
+            dc = torch.zeros_like(cs[0])
+            for t in reversed(range(steps)):
+                dh = dh + dh_out[t]
+                i, f, g, o = acts[t].chunk(4, dim=1)
+                tanh_c = torch.tanh(cs[t + 1])
+                dc = dc + dh * o * (1 - tanh_c * tanh_c)
+                di, df, dg, do = d_gates[t].chunk(4, dim=1)
+                torch.mul(dc * g, i * (1 - i), out=di)
+                torch.mul(dc * cs[t], f * (1 - f), out=df)
+                torch.mul(dc * i, 1 - g * g, out=dg)
+                torch.mul(dh * tanh_c, o * (1 - o), out=do)
+                dc = dc * f
+                d_x_ctx = d_gates[t] @ w_ctx  # gradient of the gated context
+                d_ctx = d_x_ctx * gate[t]
+                if d_context is not None:
+                    d_context[t] = d_ctx
+                torch.mul(d_x_ctx * context[t], gate[t] * (1 - gate[t]), out=d_gate_in[t])
+                alpha = alphas[t]
+                # as a row times feats^T: bmm runs this form ~3x faster than feats times a column
+                d_alpha = torch.bmm(d_ctx.unsqueeze(1), feats.transpose(1, 2)).squeeze(1).to(alpha.dtype)
+                d_alpha += d_alpha_out[t]
+                d_scores[t] = alpha * (d_alpha - (alpha * d_alpha).sum(1, keepdim=True))
+                # 0/1 in the float dtype (bmm needs one); in place, gt_ is far faster than a bool compare
+                relu_grad = torch.add(enc_proj, queries[t].unsqueeze(1), out=work).gt_(0)
+                torch.bmm(d_scores[t].unsqueeze(1), relu_grad, out=m[t].unsqueeze(1))
+                torch.mul(m[t], w_full, out=d_query[t])
+                acc.addcmul_(relu_grad, d_scores[t].unsqueeze(2))
+                dh = dz[t] @ w_h
+            d_w_full = (enc_proj * acc).sum((0, 1)) + (queries * m).sum((0, 1))
+            d_b_full = d_scores.sum().view(1)
+            d_enc = acc.mul_(w_full) if need[1] else None
+            d_w_h = dz.view(rows, -1).t() @ hs[:-1].reshape(rows, hid)
+            d_b_h = dz.view(rows, -1).sum(0)
+            d_gates = d_gates.reshape(rows, 4 * hid)  # a view: the slice keeps rows mergeable
+            d_w_x = d_gates.t() @ x.view(rows, -1)
+            d_emb = None
+            if need[9]:
+                d_emb = torch.zeros_like(emb_w).index_add_(0, tokens.reshape(-1), d_gates @ w_x[:, :emb_dim])
+            d_feats = None
+            if d_context is not None:  # context_t = alpha_t @ feats: all steps in one bmm
+                d_feats = torch.bmm(alphas.to(dtype).permute(1, 2, 0), d_context.transpose(0, 1))
+        return (d_feats, d_enc, dh, dc, d_w_h, d_b_h, d_w_x, d_w_full, d_b_full, d_emb, grad_fc_w,
+                grad_fc_b, None, None, None, None)
 
 
 def caption_loss(logits: torch.Tensor, targets: torch.Tensor, alphas: torch.Tensor,
@@ -100,7 +291,10 @@ def caption_loss(logits: torch.Tensor, targets: torch.Tensor, alphas: torch.Tens
     """
     steps = targets.size(1)
     mask = torch.arange(steps, device=targets.device).unsqueeze(0) < (lengths - 1).unsqueeze(1)
-    ce = F.cross_entropy(logits.float()[mask], targets[mask])
+    # padding steps are ignored rather than cut out: no boolean indexing (a copy of the logits on the
+    # CPU, a host sync on a GPU); the mean over the kept steps is the same
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.masked_fill(~mask, -100).flatten(),
+                         ignore_index=-100)
     loss = ce
     if alpha_c:
         attended = (alphas.float() * mask.unsqueeze(2)).sum(dim=1)  # (N, P): total attention per region

@@ -35,7 +35,7 @@ from capcli.data.features import CachedFeatureDataset, build_cache, cache_dir, c
 from capcli.errors import UserError
 from capcli.evaluate import evaluate_model
 from capcli.models.captioner import Captioner
-from capcli.training.objectives import TrainStep, build_objective
+from capcli.training.objectives import TrainStep, build_objective, make_adam
 from capcli.training.runtime import (all_reduce_sum, autocast_dtype, broadcast_from_main,
                                      cleanup_distributed, resolve_num_workers, seed_everything,
                                      setup_distributed)
@@ -189,7 +189,7 @@ class Trainer:
 
     def _setup_optimizer(self) -> None:
         t = self.cfg.train
-        self.optimizer = torch.optim.Adam(self.model.trainable_groups(t.lr, t.encoder_lr), weight_decay=t.weight_decay)
+        self.optimizer = make_adam(self.model.trainable_groups(t.lr, t.encoder_lr), t.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.schedule = LRSchedule(t, self.optimizer, self.total_steps)
 
