@@ -16,7 +16,7 @@ from capcli.data.prepare import write_dataset
 from capcli.data.synthetic import records, render, save_png
 from capcli.evaluate import evaluate_model
 from capcli.metrics import caption_scores
-from capcli.api import load_captioner
+from capcli.api import Captioner, load_captioner
 from capcli.training import train
 
 CPU = torch.device("cpu")
@@ -48,5 +48,5 @@ def test_trained_model_captions_depend_on_the_image(tmp_path):
     for r in [r for r in recs if r.split == "test"][:8]:
         save_png(r.source, tmp_path / r.file_name, 96)
         files.append(tmp_path / r.file_name)
-    rows = caption_files(model, vocab, files, CPU, image_size=96, beam_size=3)
+    rows = caption_files(Captioner.load(tmp_path / "q" / "checkpoints" / "best.pt", CPU), files, beam_size=3)
     assert [r["caption"] for r in rows] == hyps[:8]
