@@ -56,13 +56,21 @@ def caption_batches(captioner, files: list[Path], *, beam_size: int = 3, max_len
                     block_ngrams: int = 0, sample: dict | None = None, batch_size: int = 16,
                     num_workers: int = 0, attention_dir: Path | None = None) -> Iterator[list[dict]]:
     """Rows for ``files``, a batch at a time, in input order (see the module doc)."""
-    from capcli.evaluate import generate
-
     loader = DataLoader(ImageFiles(files, captioner.image_size, captioner.resize), batch_size=batch_size,
                         shuffle=False, num_workers=num_workers, collate_fn=_collate,
                         pin_memory=captioner.device.type == "cuda", generator=torch.Generator())
     model, vocab = captioner.model, captioner.vocab
     model.eval()
+    with model.decoder.frozen_weights():
+        yield from _caption_loader(captioner, loader, files, beam_size=beam_size, max_length=max_length,
+                                   block_ngrams=block_ngrams, sample=sample, attention_dir=attention_dir)
+
+
+def _caption_loader(captioner, loader, files, *, beam_size, max_length, block_ngrams, sample,
+                    attention_dir) -> Iterator[list[dict]]:
+    from capcli.evaluate import generate
+
+    model, vocab = captioner.model, captioner.vocab
     for batch in loader:
         rows = {i: {"file": str(files[i]), "caption": None, "error": e} for i, e in zip(batch["index"], batch["error"])}
         if batch["images"] is not None:

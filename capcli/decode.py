@@ -57,9 +57,10 @@ def beam_search(decoder: Decoder, feats: torch.Tensor, *, start: int, end: int, 
     cut[end] = 0.0  # at the length limit an open beam is closed, at no cost (truncation)
     tokens = torch.full((b * k,), start, dtype=torch.long, device=device)
     offsets = (torch.arange(b, device=device) * k).unsqueeze(1)
+    step = _stepper(decoder, b * k, max_length + 1)
 
     for t in range(max_length + 1):
-        h, c, alpha = decoder.step(tokens, feats_k, proj, h, c)
+        h, c, alpha = step(tokens, feats_k, proj, h, c)
         if t == max_length:
             logp = cut.expand(b, k, v)
         else:
@@ -108,6 +109,13 @@ def beam_search(decoder: Decoder, feats: torch.Tensor, *, start: int, end: int, 
     return DecodeResult(out_tokens, final[torch.arange(b, device=device), best], best_alphas)
 
 
+def _stepper(decoder, rows: int, steps: int):
+    """The decoder's fused no-gradient step where it has one (:meth:`Decoder.stepper`), else its
+    plain ``step`` (e.g. the toy decoders of the tests)."""
+    make = getattr(decoder, "stepper", None)
+    return make(rows, steps) if make is not None else decoder.step
+
+
 def repeated_ngram(seqs: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
     """(N, V) bool: the words that would repeat an ``n``-gram already in each row of ``seqs`` (N, L)
     if appended (its last n-1 words followed by the word occur earlier in the row)."""
@@ -148,8 +156,9 @@ def sample(decoder: Decoder, feats: torch.Tensor, *, start: int, end: int, pad: 
     token = torch.full((n,), start, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     out = []
+    step = _stepper(decoder, n, max_length)
     for _ in range(max_length):
-        h, c, _ = decoder.step(token, feats, proj, h, c)
+        h, c, _ = step(token, feats, proj, h, c)
         logits = decoder.logits(h).float()
         logits[:, [pad, start]] = float("-inf")
         logits = logits / temperature

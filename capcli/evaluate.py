@@ -114,29 +114,39 @@ def _decode_split(model, dataset: CaptionDataset, device: torch.device, vocab, *
     hyps: dict[int, str] = {}
     sums = None
     decode_seconds = 0.0
-    for batch in loader:
-        regions = batch["regions"].to(device, non_blocking=True) if features is not None else None
-        images = batch["images"].to(device, non_blocking=True) if features is None else None
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            feats = model.features(images, regions)
-        texts, _ = decode_features(model, vocab, feats, beam_size=beam_size, max_length=max_length,
-                                   block_ngrams=block_ngrams)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        decode_seconds += time.perf_counter() - t0
-        for idx, text in zip(batch["index"].tolist(), texts):
-            hyps[idx] = text
-        if progress is not None:
-            progress(len(hyps), len(dataset))
-        if teacher_forced:  # teacher-forced loss and top-5 (what the seed reported)
-            tf_batch = {"captions": batch["captions"].to(device), "lengths": batch["lengths"].to(device)}
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = objective(tf_batch, 1.0, feats=feats)
-            sums = out["sums"] if sums is None else sums + out["sums"]
+    with model.decoder.frozen_weights():
+        for batch in loader:
+            seconds, feats = _decode_batch(model, vocab, batch, device, hyps, beam_size=beam_size,
+                                           block_ngrams=block_ngrams, max_length=max_length, amp_dtype=amp_dtype,
+                                           features=features is not None)
+            decode_seconds += seconds
+            if progress is not None:
+                progress(len(hyps), len(dataset))
+            if teacher_forced:  # teacher-forced loss and top-5 (what the seed reported), same features
+                tf_batch = {"captions": batch["captions"].to(device), "lengths": batch["lengths"].to(device)}
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    out = objective(tf_batch, 1.0, feats=feats)["sums"]
+                sums = out if sums is None else sums + out
     return hyps, sums, decode_seconds
+
+
+def _decode_batch(model, vocab, batch: dict, device, hyps: dict, *, beam_size: int, block_ngrams: int,
+                  max_length: int, amp_dtype, features: bool) -> tuple[float, torch.Tensor]:
+    """Caption one batch into ``hyps``; returns the seconds it took and the batch's features."""
+    regions = batch["regions"].to(device, non_blocking=True) if features else None
+    images = batch["images"].to(device, non_blocking=True) if not features else None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        feats = model.features(images, regions)
+    texts, _ = decode_features(model, vocab, feats, beam_size=beam_size, max_length=max_length,
+                               block_ngrams=block_ngrams)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    for idx, text in zip(batch["index"].tolist(), texts):
+        hyps[idx] = text
+    return time.perf_counter() - t0, feats
 
 
 def score_results(results_path: str | Path, dataset: CaptionDataset, meteor: bool | None = None) -> dict:

@@ -236,3 +236,37 @@ def test_autocast_keeps_dtypes_and_stays_near_full_precision(device, dtype):
     for name, ref in ref_grads.items():
         if name != "attention.full_att.bias":  # a true gradient of 0: rounding noise only
             assert (grads[name].float() - ref).abs().max() <= tol * ref.abs().max(), name
+
+
+@pytest.mark.parametrize("use_table", [True, False])
+def test_inference_step_equals_step(use_table):
+    """The fused no-gradient step (beam search, sampling) computes what Decoder.step does."""
+    from capcli.models.decoder import InferenceStep
+
+    torch.manual_seed(3)
+    dec = Decoder(vocab_size=40, enc_dim=16, emb_dim=8, att_dim=12, dec_dim=10, dropout=0.5).double().eval()
+    feats = torch.randn(6, 9, 16, dtype=torch.float64)
+    proj = dec.attention.project(feats)
+    h, c = dec.init_state(feats)
+    fast = InferenceStep(dec, use_table=use_table)
+    h2, c2 = h, c
+    for t in range(4):
+        tokens = torch.randint(4, 40, (6,))
+        h, c, a = dec.step(tokens, feats, proj, h, c)
+        h2, c2, a2 = fast(tokens, feats, proj, h2, c2)
+        for x, y in ((h, h2), (c, c2), (a, a2)):
+            torch.testing.assert_close(y, x, rtol=1e-10, atol=1e-12)
+
+
+def test_gate_table_is_held_only_while_the_weights_are_frozen():
+    torch.manual_seed(0)
+    dec = Decoder(vocab_size=30, enc_dim=8, emb_dim=6, att_dim=8, dec_dim=5).eval()
+    torch.testing.assert_close(dec.gate_table()[7], dec.lstm.weight_ih[:, :6] @ dec.embedding.weight[7])
+    with dec.frozen_weights():
+        table = dec.gate_table()
+        assert dec.gate_table() is table  # computed once for every batch of the block
+        assert dec.stepper(rows=1, steps=1).table is table
+    assert dec.stepper(rows=1, steps=1).table is None  # a short decode: one product per step instead
+    with torch.no_grad():
+        dec.embedding.weight[7] += 1.0  # weights change between blocks (training)
+    torch.testing.assert_close(dec.gate_table()[7], dec.lstm.weight_ih[:, :6] @ dec.embedding.weight[7])
