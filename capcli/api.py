@@ -31,16 +31,24 @@ def load_captioner(source: str | Path, device: torch.device | str = "cpu"):
     :func:`capcli.checkpoint.read_model`)."""
     from capcli.models.captioner import Captioner as CaptionerModel
 
+    import capcli
+
     state = checkpoint.read_model(source)
-    cfg: Config = config_from_dict(state["config"])
-    vocab = Vocab(state["vocab"])
-    model = CaptionerModel(cfg.model, len(vocab), pretrained=False)  # weights come from the state dict
+    made_by = state.get("capcli_version", "?")
+    versions = f"made by capcli {made_by}, this is capcli {capcli.__version__}"
+    try:
+        cfg: Config = config_from_dict(state["config"])
+        vocab = Vocab(state["vocab"])
+        model = CaptionerModel(cfg.model, len(vocab), pretrained=False)  # weights come from the state dict
+    except UserError as exc:  # a config, vocabulary or encoder this capcli does not know: say whose it is
+        raise UserError(f"model {source} ({versions}): {str(exc).rstrip('.')}; use capcli {made_by} for it, "
+                        "or retrain") from exc
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:  # weights that do not fit the model this capcli builds
         first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-        raise UserError(f"model {source} does not fit this capcli's model (made by capcli "
-                        f"{state['capcli_version']}; {first[:160]}); retrain, or use that capcli version") from exc
+        raise UserError(f"model {source} does not fit the model this capcli builds ({versions}; {first[:160]}); "
+                        f"use capcli {made_by} for it, or retrain") from exc
     model.to(device).eval()
     return model, vocab, cfg, state
 

@@ -59,7 +59,7 @@ def caption_batches(captioner, files: list[Path], *, beam_size: int = 3, max_len
     loader = DataLoader(ImageFiles(files, captioner.image_size, captioner.resize), batch_size=batch_size,
                         shuffle=False, num_workers=num_workers, collate_fn=_collate,
                         pin_memory=captioner.device.type == "cuda", generator=torch.Generator())
-    model, vocab = captioner.model, captioner.vocab
+    model = captioner.model
     model.eval()
     with model.decoder.frozen_weights():
         yield from _caption_loader(captioner, loader, files, beam_size=beam_size, max_length=max_length,

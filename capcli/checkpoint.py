@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -78,12 +80,39 @@ def load(path: str | Path, map_location="cpu") -> dict:
         raise UserError(f"checkpoint {path} not found; give a .pt file or a run dir (runs/NAME)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refused something: never unpickled
+        found = re.findall(r"GLOBAL ([\w.]+)", str(exc)) or re.findall(r"global ([\w.]+)", str(exc))
+        what = f" ({found[0]})" if found else ""
+        raise UserError(f"{path} is not a readable capcli checkpoint: refused, it holds pickled Python objects{what} "
+                        "that would run code when loaded (capcli checkpoints hold only tensors and plain "
+                        "values); use a checkpoint written by `capcli train` or a folder from `capcli export`, "
+                        "and only from a source you trust") from exc
     except Exception as exc:
-        raise UserError(f"{path} is not a readable capcli checkpoint ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:200]})") from exc
+        first = (str(exc).splitlines() or [type(exc).__name__])[0].split(". ")[0][:160]
+        raise UserError(f"{path} is not a readable capcli checkpoint (it is truncated or damaged, or another "
+                        f"format: {type(exc).__name__}: {first}); use the run's other checkpoint "
+                        "(checkpoints/last.pt or best.pt) or train again") from exc
     if not isinstance(ckpt, dict) or "model" not in ckpt or "vocab" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path} is not a capcli checkpoint (it lacks model/vocab/config)")
+    _check_fields(path, ckpt)
     return ckpt
+
+
+def _check_fields(path: Path, ckpt: dict) -> None:
+    """The types a capcli checkpoint's fields have, so that a foreign or edited file is named here
+    rather than failing later."""
+    version = ckpt.get("capcli_version", "?")
+    problem = None
+    if not isinstance(ckpt["model"], dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                      for k, v in ckpt["model"].items()):
+        problem = "its model is not a state dict of tensors"
+    elif not isinstance(ckpt["vocab"], (list, tuple)) or not all(isinstance(t, str) for t in ckpt["vocab"]):
+        problem = "its vocab is not a list of tokens"
+    elif not isinstance(ckpt["config"], dict):
+        problem = "its config is not a mapping"
+    if problem:
+        raise UserError(f"{path} is not a capcli checkpoint ({problem}; made by capcli {version}); give a "
+                        "checkpoint written by `capcli train`")
 
 
 def read_model(source: str | Path) -> dict:

@@ -337,6 +337,18 @@ def validate(cfg: Config) -> None:
     for key in ("emb_dim", "att_dim", "dec_dim"):
         if getattr(m, key) < 1:
             raise UserError(f"model.{key} must be at least 1, got {getattr(m, key)!r}")
+    _check_run_dir(cfg.run)
+
+
+def _check_run_dir(run: RunConfig) -> None:
+    """run.dir/run.name must be a folder that can be made: not a file, not under one."""
+    target = Path(run.dir).expanduser()
+    for path in (target / run.name, target, *target.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise UserError(f"run.dir={run.dir}: {path} is a file, not a folder; choose another run.dir "
+                                "(or run.name)")
+            break
 
 
 def best_metric(cfg: Config) -> str:

@@ -30,22 +30,30 @@ def generate(model, vocab, images: torch.Tensor, *, beam_size: int = 3, max_leng
         feats = model.encode(images)
     return decode_features(model, vocab, feats, beam_size=beam_size, max_length=max_length,
                            length_penalty=length_penalty, block_ngrams=block_ngrams,
-                           return_alphas=return_alphas, sample=sample)
+                           return_alphas=return_alphas, sample=sample, amp_dtype=amp_dtype)
 
 
 def decode_features(model, vocab, feats: torch.Tensor, *, beam_size: int = 3, max_length: int = 50,
                     length_penalty: float = 0.0, block_ngrams: int = 0, return_alphas: bool = False,
-                    sample: dict | None = None):
+                    sample: dict | None = None, amp_dtype=None):
     """Captions (strings) and the decode result for encoder features (B, P, E): beam search, or
-    with ``sample`` (``{"temperature": T, "top_k": K}``) one caption drawn from the model."""
+    with ``sample`` (``{"temperature": T, "top_k": K}``) one caption drawn from the model. The
+    decoder's products run under autocast at ``amp_dtype`` (scores stay float32)."""
+    with torch.autocast(feats.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        return _decode(model, vocab, feats if amp_dtype is not None else feats.float(), beam_size=beam_size,
+                       max_length=max_length, length_penalty=length_penalty, block_ngrams=block_ngrams,
+                       return_alphas=return_alphas, sample=sample)
+
+
+def _decode(model, vocab, feats, *, beam_size, max_length, length_penalty, block_ngrams, return_alphas, sample):
     if sample is not None:
         from capcli.decode import DecodeResult, sample as draw
 
-        s = draw(model.decoder, feats.float(), start=vocab.start, end=vocab.end, pad=vocab.pad,
+        s = draw(model.decoder, feats, start=vocab.start, end=vocab.end, pad=vocab.pad,
                  max_length=max_length, **sample)
         tokens = [[t for t in row if t not in (vocab.pad, vocab.end)] for row in s.tokens.tolist()]
         return [vocab.decode(t) for t in tokens], DecodeResult(tokens, torch.zeros(len(tokens)), None)
-    result = beam_search(model.decoder, feats.float(), start=vocab.start, end=vocab.end, pad=vocab.pad,
+    result = beam_search(model.decoder, feats, start=vocab.start, end=vocab.end, pad=vocab.pad,
                          beam_size=beam_size, max_length=max_length, length_penalty=length_penalty,
                          block_ngrams=block_ngrams, return_alphas=return_alphas)
     return [vocab.decode(t) for t in result.tokens], result
@@ -141,7 +149,7 @@ def _decode_batch(model, vocab, batch: dict, device, hyps: dict, *, beam_size: i
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         feats = model.features(images, regions)
     texts, _ = decode_features(model, vocab, feats, beam_size=beam_size, max_length=max_length,
-                               block_ngrams=block_ngrams)
+                               block_ngrams=block_ngrams, amp_dtype=amp_dtype)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     for idx, text in zip(batch["index"].tolist(), texts):

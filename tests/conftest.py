@@ -12,8 +12,8 @@ from capcli.cli.main import app
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-# a run small enough for seconds on a CPU: 32 px scenes, convnext_atto, one epoch
-TINY_OVERRIDES = ["model.grid=2", "model.emb_dim=32", "model.att_dim=32", "model.dec_dim=48",
+# a run small enough for seconds on a CPU: 32 px scenes, convnext_atto (a 1x1 feature map), one epoch
+TINY_OVERRIDES = ["model.grid=1", "model.emb_dim=32", "model.att_dim=32", "model.dec_dim=48",
                   "train.epochs=1", "train.batch_size=40", "train.log_every=1"]
 
 

@@ -52,7 +52,7 @@ def test_encoders_table_json_and_plot(tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     data_dir = tmp_path / "data"  # only the manifest is read: the image size comes from it
     data_dir.mkdir()
-    (data_dir / "manifest.json").write_text(json.dumps({"image_size": 32}))
+    (data_dir / "manifest.json").write_text(json.dumps({"image_size": 32, "splits": {}}))
     result = ok(invoke("encoders", "--encoders", "convnext_atto", "--data", str(data_dir),
                        "--batch", "1", "--train-batch", "5", "--steps", "1", "--warmup", "0",
                        "--output", str(out), "--plot", str(png)))

@@ -45,7 +45,7 @@ def test_api_and_cli_give_the_same_captions(runner, tiny_run, photos, tmp_path):
     assert [r["caption"] for r in rows_of(out)] == api
     att = cap.caption_with_attention(files[0], beam=2)
     assert att["caption"] == api[0] and att["words"] == api[0].split()
-    assert att["attention"].shape == (len(att["words"]) + 1, 2, 2)  # one 2x2 grid per word and <end>
+    assert att["attention"].shape == (len(att["words"]) + 1, 1, 1)  # one 1x1 grid (32 px) per word and <end>
     np.testing.assert_allclose(att["attention"].sum(axis=(1, 2)), 1.0, rtol=1e-5)
     with pytest.raises(Exception, match="uint8"):
         cap.caption(np.zeros((8, 8, 3), dtype=np.float32))

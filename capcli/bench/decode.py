@@ -9,9 +9,7 @@ from pathlib import Path
 import torch
 
 from capcli.bench.harness import (
-    END,
     FIRST_WORD,
-    START,
     PeakMemory,
     ProgressFn,
     amp_name,
@@ -41,8 +39,9 @@ def bench_decode(encoder: str | None = None, *, beam: int = 3, images: int = 64,
     used, ``vocab`` is ignored and ``encoder``, if given, must match. ``max_length`` counts words.
     ``ended_fraction`` is the share of captions that ended with <end> before ``max_length``.
     """
-    from capcli.decode import beam_search
     from capcli.api import load_captioner
+    from capcli.data.vocab import Vocab
+    from capcli.evaluate import decode_features
     from capcli.models.captioner import Captioner
 
     device = torch.device(device)
@@ -58,7 +57,7 @@ def bench_decode(encoder: str | None = None, *, beam: int = 3, images: int = 64,
                             f"{cfg.model.encoder}; leave --encoder out to use the checkpoint's")
         encoder = cfg.model.encoder
         image_size = image_size or int(ckpt.get("data", {}).get("image_size") or cfg.model.image_size or 224)
-        vocab, start, end, pad = len(voc), voc.start, voc.end, voc.pad
+        vocab = len(voc)
     else:
         if encoder is None:
             raise UserError("give an encoder name (--encoder convnext_atto) or a --checkpoint")
@@ -67,7 +66,7 @@ def bench_decode(encoder: str | None = None, *, beam: int = 3, images: int = 64,
         check_encoder_names([encoder])
         image_size = image_size or 224
         model = Captioner(model_config(encoder, grid, finetune=False), vocab, pretrained=False)
-        start, end, pad = START, END, 0
+        voc = Vocab(["<pad>", "<start>", "<end>", "<unk>", *(f"w{i}" for i in range(FIRST_WORD, vocab))])
         note = RANDOM_NOTE
     model.eval()
     feature_shape(model.encoder, image_size)
@@ -82,11 +81,11 @@ def bench_decode(encoder: str | None = None, *, beam: int = 3, images: int = 64,
             pixels_dev = pixels.to(device)
 
             @torch.inference_mode()
-            def caption(size: int) -> list[list[int]]:
+            def caption(size: int) -> list[list[int]]:  # the engine of evaluate and caption
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     feats = model.encode(pixels_dev[:size])
-                return beam_search(model.decoder, feats.float(), start=start, end=end, pad=pad,
-                                   beam_size=beam, max_length=max_length).tokens
+                return decode_features(model, voc, feats, beam_size=beam, max_length=max_length,
+                                       amp_dtype=amp_dtype)[1].tokens
 
             for i in range(warmup):  # on a full batch: allocator, autotuning, lazy init
                 caption(n)

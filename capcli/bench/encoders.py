@@ -74,7 +74,7 @@ def bench_encoder(name: str, *, image_size: int = 224, batch: int = 32, device: 
                 "infer_peak_mem_mb": peak, "peak_mem_kind": meter.kind, "batch": n}
 
     inference = with_oom_retry(infer, batch, device, f"encoder {name} (inference)")
-    del enc
+    enc = None  # the inference copy is no longer needed: free it before the training run
     free_memory(device)
     train = bench_train(name, image_size=image_size, batch=train_batch, mode="finetune", steps=steps,
                         warmup=warmup, device=device, amp=amp, captions_per_image=captions_per_image,

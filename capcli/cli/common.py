@@ -29,6 +29,17 @@ def fail(message: str) -> None:
     err_console.print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
 
 
+def _file_in_the_way(path) -> str:
+    """Which part of ``path`` is a file although a folder is needed there, as a fix to print."""
+    from pathlib import Path
+
+    p = Path(str(path))
+    for part in [p, *p.parents]:
+        if part.is_file():
+            return f"{part} is a file, not a folder; choose an output path outside it"
+    return "a file is in the way of a folder there; choose another path"
+
+
 def command(fn):
     """Turn user errors into a one-line message and exit 1 (full traceback with --debug)."""
 
@@ -45,7 +56,12 @@ def command(fn):
                 traceback.print_exc()
             fail(str(exc))
             raise typer.Exit(1)
-        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+        except (FileExistsError, NotADirectoryError) as exc:  # a file where a folder must be
+            if debug:
+                traceback.print_exc()
+            fail(f"{exc.filename}: {_file_in_the_way(exc.filename)}")
+            raise typer.Exit(1)
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
             if debug:
                 traceback.print_exc()
             fail(f"{exc.strerror or type(exc).__name__}: {exc.filename}")

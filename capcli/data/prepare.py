@@ -79,19 +79,44 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+@dataclass(frozen=True)
+class OutsideRoot:
+    """The source of a record whose image path (as a captions file writes it) leads out of the
+    image root (``../..``, an absolute path elsewhere): the record is skipped, the path never opened."""
+
+    path: str
+    root: str
+
+    def __str__(self) -> str:
+        return self.path
+
+
+class PathOutsideRoot(Exception):
+    """Raised instead of opening an :class:`OutsideRoot` path."""
+
+
 def load_file_image(source: Any, size: int, policy: str) -> np.ndarray:
+    if isinstance(source, OutsideRoot):
+        raise PathOutsideRoot(f"{source.path} is outside the image root {source.root}; image paths in a captions "
+                              "file must stay under --images")
     return load_image(source, size, policy)
 
 
 def skip_reason(exc: BaseException) -> str:
     """A short category for why an image could not be used."""
+    import errno
+
     from PIL import Image, UnidentifiedImageError
 
     msg = str(exc).lower()
+    if isinstance(exc, PathOutsideRoot):
+        return "outside the image root"
     if isinstance(exc, FileNotFoundError):
         return "missing"
     if isinstance(exc, (IsADirectoryError, NotADirectoryError, PermissionError)):
         return "unreadable"
+    if isinstance(exc, OSError) and exc.errno in (errno.ELOOP, errno.EACCES, errno.EIO, errno.ENAMETOOLONG):
+        return "unreadable"  # a symlink loop, a permission or disk problem
     if isinstance(exc, UnidentifiedImageError):
         return "not an image"
     if isinstance(exc, Image.DecompressionBombError):
@@ -309,6 +334,17 @@ def fingerprint(settings: dict, records: list[Record], extra: dict | None) -> st
     return h.hexdigest()
 
 
+def check_output_dir(out: Path, what: str) -> None:
+    """A UserError when ``out`` (a folder to write) is a file, or lies under one."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{what} {out} is a file; give a directory (a new or a dataset one)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{what} {out}: {parent} is a file, not a folder; choose another {what}")
+            break
+
+
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
@@ -469,8 +505,7 @@ def write_dataset(
                 "captions_per_image": captions_per_image, "min_word_freq": min_word_freq,
                 "max_length": max_length, "seed": seed, "images": len(records)}
     fp = fingerprint(settings, records, extra_manifest)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a directory")
+    check_output_dir(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:
         for p in _output_files(out):

@@ -18,6 +18,15 @@ hash values fill the empty split(s).
 
 Every reader raises :class:`capcli.errors.UserError` with the file (and line) at fault for inputs
 a user can fix, and returns records in a deterministic order.
+
+Captions with no words (empty, or only punctuation such as ``...``) are dropped and counted; an
+image left without a caption is left out and counted (``left_out`` in the manifest).
+
+Image paths stay under the image root: a path a captions file writes that leads out of it
+(``../../etc/passwd``, an absolute path elsewhere) becomes an :class:`OutsideRoot` source, which
+``prepare`` skips (reason "outside the image root") without opening it. The check is on the path
+as written, with ``..`` resolved but not symlinks: a symlink inside the root was put there by its
+owner and may point anywhere (datasets are often linked in).
 """
 
 from __future__ import annotations
@@ -31,8 +40,9 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from capcli.data.prepare import Record
+from capcli.data.prepare import OutsideRoot, Record
 from capcli.errors import UserError
+from capcli.text import tokenize
 
 SPLIT_RULE = ("sha1(key)[:8] mod 100: 0-89 train, 90-94 val, 95-99 test; key = COCO image id, "
               "or the image path as written in the captions file (folder), or the file name (Karpathy "
@@ -44,6 +54,32 @@ SPLIT_ALIASES = {"train": "train", "restval": "train", "training": "train", "val
 
 IMAGE_COLUMNS = ("image", "file_name", "filename", "file", "image_path", "path")
 CAPTION_COLUMNS = ("caption", "text", "sentence", "raw")
+
+
+def has_words(caption: str) -> bool:
+    """True when the caption has a token left after tokenisation (not empty, not only punctuation)."""
+    if any(ch.isalnum() for ch in caption):
+        return True
+    return bool(caption.strip()) and bool(tokenize(caption))
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def image_source(root: Path, name: str, base: Path | None = None) -> str | OutsideRoot:
+    """The file an image path from a captions file names: ``base / name`` (``base`` defaults to
+    ``root``; an absolute ``name`` as it is), or an :class:`OutsideRoot` when it leads out of
+    ``root``. Checked as written: ``..`` is resolved, symlinks are not (see the module doc); an
+    absolute path also counts as inside when its real path is inside the root's real path."""
+    folder = base if base is not None else root
+    target = Path(name) if os.path.isabs(name) else folder / name
+    top = os.path.normpath(os.path.abspath(root))
+    if _inside(os.path.normpath(os.path.abspath(target)), top):
+        return str(target)
+    if os.path.isabs(name) and _inside(os.path.realpath(target), os.path.realpath(top)):
+        return str(target)
+    return OutsideRoot(str(target), str(root))
 
 
 def _hash_value(key: str) -> int:
@@ -95,16 +131,32 @@ def _load_json(path: Path, what: str) -> Any:
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}, line {exc.lineno}: not valid JSON ({exc.msg}); is it the right file?") from exc
     except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text, so not a {what}") from exc
+        raise UserError(f"{path}: not UTF-8 text ({_bad_byte(exc)}), so not a {what}; save it as UTF-8") from exc
+
+
+def _bad_byte(exc: UnicodeDecodeError) -> str:
+    try:
+        return f"byte 0x{exc.object[exc.start]:02x} is not UTF-8"
+    except (IndexError, TypeError):
+        return exc.reason
+
+
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> UserError:
+    return UserError(f"{path}: not UTF-8 text ({_bad_byte(exc)}); save it as UTF-8, e.g. "
+                     f"`iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}`, and pass that file")
 
 
 def _require_some_exist(records: list[Record], source_file: Path, root: Path, hint: str = "") -> None:
     """A source that names no existing image is a path mistake, not a data problem: say so."""
     if not records:
         return
-    if any(os.path.exists(r.source) for r in records):
+    inside = [r for r in records if not isinstance(r.source, OutsideRoot)]
+    if not inside:
+        raise UserError(f"every image named in {source_file} is outside the image root {root} (e.g. "
+                        f"{records[0].file_name}); image paths must be relative to --images and stay inside it")
+    if any(os.path.exists(r.source) for r in inside):
         return
-    example = records[0].source
+    example = inside[0].source
     raise UserError(f"none of the {len(records)} images named in {source_file} exist under {root} "
                     f"(looked for e.g. {example}); check --images{hint}")
 
@@ -137,15 +189,59 @@ def _load_coco(path: Path):
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise UserError(f"{path} is not a COCO caption annotation file (it needs 'images' and "
                         "'annotations'); use the captions_*.json files")
+    for key in ("images", "annotations"):
+        if not isinstance(data[key], list):
+            raise UserError(f"{path}: '{key}' must be a list, got a {type(data[key]).__name__}; is it a COCO "
+                            "captions_*.json file?")
     anns = data["annotations"]
-    if anns and "caption" not in anns[0]:
+    if anns and isinstance(anns[0], dict) and "caption" not in anns[0] and "image_id" in anns[0]:
         raise UserError(f"{path} holds annotations without captions (instances or keypoints?); "
                         "use the captions_*.json files")
+    _check_coco(path, data["images"], anns)
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress; libraries don't
         coco.createIndex()
     return coco
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_coco(path: Path, images: list, anns: list) -> None:
+    """One-line errors for the entries pycocotools would choke on or silently merge."""
+    fix = "fix the file, or use the official captions_*.json"
+    ids: set[int] = set()
+    for n, img in enumerate(images):
+        where = f"{path}, images[{n}]"
+        if not isinstance(img, dict):
+            raise UserError(f"{where}: expected an object with 'id' and 'file_name', got a {type(img).__name__}")
+        if not _is_int(img.get("id")):
+            raise UserError(f"{where}: 'id' must be an integer, got {img.get('id')!r}; {fix}")
+        if img["id"] in ids:
+            raise UserError(f"{where}: image id {img['id']} appears twice; each image is listed once ({fix})")
+        ids.add(img["id"])
+        if img.get("file_name") is not None and not isinstance(img["file_name"], str):
+            raise UserError(f"{where}: 'file_name' must be a string, got {img['file_name']!r}; {fix}")
+    ann_ids: set[int] = set()
+    for n, ann in enumerate(anns):
+        where = f"{path}, annotations[{n}]"
+        if not isinstance(ann, dict):
+            raise UserError(f"{where}: expected an object with 'id', 'image_id' and 'caption', got a "
+                            f"{type(ann).__name__}")
+        missing = [k for k in ("id", "image_id", "caption") if k not in ann]
+        if missing:
+            raise UserError(f"{where}: no {', '.join(repr(k) for k in missing)}; every caption annotation needs "
+                            f"'id', 'image_id' and 'caption' ({fix})")
+        for key in ("id", "image_id"):
+            if not _is_int(ann[key]):
+                raise UserError(f"{where}: '{key}' must be an integer, got {ann[key]!r}; {fix}")
+        if not isinstance(ann["caption"], str):
+            raise UserError(f"{where}: 'caption' must be a string, got a {type(ann['caption']).__name__}; {fix}")
+        if ann["id"] in ann_ids:
+            raise UserError(f"{where}: annotation id {ann['id']} appears twice; each caption has its own id ({fix})")
+        ann_ids.add(ann["id"])
 
 
 def _image_dir(root: Path, ann_file: Path) -> Path:
@@ -190,7 +286,7 @@ def coco_records(images: str | Path, annotations: str | Path, karpathy: str | Pa
     splits = karpathy_splits(Path(karpathy).expanduser()) if karpathy else None
     records: list[Record] = []
     seen: set[int] = set()
-    not_in_split = duplicates = no_captions = 0
+    not_in_split = duplicates = no_captions = blank = 0
     for ann_file in files:
         coco = _load_coco(ann_file)
         img_dir = _image_dir(root, ann_file)
@@ -201,7 +297,8 @@ def coco_records(images: str | Path, annotations: str | Path, karpathy: str | Pa
                 duplicates += 1
                 continue
             anns = sorted(coco.loadAnns(coco.getAnnIds(imgIds=[image_id])), key=lambda a: a.get("id", 0))
-            captions = [str(a["caption"]).strip() for a in anns if str(a.get("caption", "")).strip()]
+            captions = [a["caption"].strip() for a in anns if has_words(a["caption"])]
+            blank += len(anns) - len(captions)
             if not captions:
                 no_captions += 1
                 continue
@@ -214,7 +311,7 @@ def coco_records(images: str | Path, annotations: str | Path, karpathy: str | Pa
             seen.add(image_id)
             file_name = str(img.get("file_name") or f"{image_id:012d}.jpg")
             file_records.append(Record(split=split or "", image_id=image_id, file_name=file_name,
-                                       captions=captions, source=str(img_dir / file_name)))
+                                       captions=captions, source=image_source(root, file_name, img_dir)))
         _require_some_exist(file_records, ann_file, img_dir,
                             f", or pass --annotations {ann_file.parent / '<one captions file>'} to use "
                             "only the images you have" if len(files) > 1 else "")
@@ -230,7 +327,7 @@ def coco_records(images: str | Path, annotations: str | Path, karpathy: str | Pa
             "annotations": [str(f) for f in files],
             "split_rule": f"karpathy ({karpathy}; restval -> train)" if karpathy else SPLIT_RULE,
             "left_out": {"not_in_split_file": not_in_split, "duplicate_ids": duplicates,
-                         "without_captions": no_captions},
+                         "without_captions": no_captions, "blank_captions": blank},
         })
     return records
 
@@ -252,42 +349,59 @@ def karpathy_records(json_path: str | Path, images: str | Path, info: dict | Non
     records: list[Record] = []
     unsplit: dict[int, str] = {}
     ids: set[int] = set()
-    no_captions = 0
+    no_captions = blank = 0
     for n, img in enumerate(data["images"]):
         where = f"{path}, images[{n}]"
         if not isinstance(img, dict) or not img.get("filename"):
             raise UserError(f"{where}: no 'filename'; is this a Karpathy dataset_*.json file?")
+        for key in ("filename", "filepath"):
+            if img.get(key) is not None and not isinstance(img[key], str):
+                raise UserError(f"{where}: '{key}' must be a string, got {img[key]!r}")
         image_id = img.get("cocoid", img.get("imgid", n))
         try:
             image_id = int(image_id)
         except (TypeError, ValueError):
             raise UserError(f"{where}: image id {image_id!r} is not an integer") from None
         if image_id in ids:
-            raise UserError(f"{where}: image id {image_id} appears twice")
+            raise UserError(f"{where}: image id {image_id} appears twice; each image is listed once with its "
+                            "own 'imgid' (or 'cocoid'): fix the file")
         ids.add(image_id)
         captions = []
-        for s in img.get("sentences") or []:
-            raw = s.get("raw") if isinstance(s, dict) else None
-            if raw is None and isinstance(s, dict) and s.get("tokens"):
+        sentences = img.get("sentences")
+        if sentences is not None and not isinstance(sentences, list):
+            raise UserError(f"{where}: 'sentences' must be a list of {{\"raw\": ...}} objects, got a "
+                            f"{type(sentences).__name__}; is this a Karpathy dataset_*.json file?")
+        for j, s in enumerate(sentences or []):
+            if not isinstance(s, dict):
+                raise UserError(f"{where}, sentences[{j}]: expected an object with 'raw', got a {type(s).__name__}")
+            raw = s.get("raw")
+            if raw is None and s.get("tokens"):
+                if not isinstance(s["tokens"], list) or not all(isinstance(t, str) for t in s["tokens"]):
+                    raise UserError(f"{where}, sentences[{j}]: 'tokens' must be a list of strings")
                 raw = " ".join(s["tokens"])
-            if raw and str(raw).strip():
-                captions.append(str(raw).strip())
+            if raw is not None and not isinstance(raw, str):
+                raise UserError(f"{where}, sentences[{j}]: 'raw' must be a string, got {raw!r}")
+            if raw and has_words(raw):
+                captions.append(raw.strip())
+            else:
+                blank += 1
         if not captions:
             no_captions += 1
             continue
-        sub = str(img.get("filepath") or "")
+        sub = img.get("filepath") or ""
         if sub and sub not in dir_ok:
             dir_ok[sub] = (root / sub).is_dir()
         folder = root / sub if sub and dir_ok[sub] else root
-        file_name = str(img["filename"])
+        file_name = img["filename"]
         split = normalise_split(img.get("split"), where)
         if split is None:
             unsplit[len(records)] = file_name
         records.append(Record(split=split or "", image_id=image_id,
                               file_name=f"{sub}/{file_name}" if sub else file_name,
-                              captions=captions, source=str(folder / file_name)))
+                              captions=captions, source=image_source(root, file_name, folder)))
     if not records:
-        raise UserError(f"{path} lists no images with sentences")
+        raise UserError(f"{path} lists no image with a caption (sentences[].raw with words); is this a "
+                        "Karpathy dataset_*.json file?")
     _require_some_exist(records, path, root)
     if unsplit:
         assign_default_splits(records, unsplit)
@@ -296,7 +410,7 @@ def karpathy_records(json_path: str | Path, images: str | Path, info: dict | Non
             "images_root": str(root), "karpathy": str(path), "dataset": data.get("dataset"),
             "split_rule": "karpathy (restval -> train)" + (f"; {len(unsplit)} without a split: {SPLIT_RULE}"
                                                           if unsplit else ""),
-            "left_out": {"without_captions": no_captions},
+            "left_out": {"without_captions": no_captions, "blank_captions": blank},
         })
     return records
 
@@ -319,6 +433,8 @@ def _rows_csv(path: Path, delimiter: str):
             header = reader.fieldnames or []
         except csv.Error as exc:
             raise UserError(f"{path}, line 1: not a valid CSV header ({exc})") from exc
+        except UnicodeDecodeError as exc:
+            raise _not_utf8(path, exc) from exc
         icol, ccol, scol = _pick(header, IMAGE_COLUMNS), _pick(header, CAPTION_COLUMNS), _pick(header, ("split",))
         if icol is None or ccol is None:
             raise UserError(f"{path}: the header ({', '.join(map(str, header)) or 'empty'}) needs an 'image' "
@@ -333,7 +449,7 @@ def _rows_csv(path: Path, delimiter: str):
         except csv.Error as exc:
             raise UserError(f"{path}, line {reader.line_num}: bad CSV ({exc})") from exc
         except UnicodeDecodeError as exc:
-            raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from exc
+            raise _not_utf8(path, exc) from exc
 
 
 def _rows_jsonl(path: Path):
@@ -352,7 +468,7 @@ def _rows_jsonl(path: Path):
                     raise UserError(f"{path}, line {line}: not valid JSON ({exc.msg})") from exc
                 yield line, *_row_from_obj(obj, f"{path}, line {line}")
         except UnicodeDecodeError as exc:
-            raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from exc
+            raise _not_utf8(path, exc) from exc
 
 
 def _rows_json(path: Path):
@@ -378,7 +494,8 @@ def _row_from_obj(obj: Any, where: str):
 def folder_records(images: str | Path, captions: str | Path, info: dict | None = None) -> list[Record]:
     """Records from a captions file with one row per (image, caption): ``.csv`` / ``.tsv`` with a
     header (``image,caption[,split]``), ``.jsonl`` (one object per line) or ``.json`` (a list).
-    Image paths are relative to ``images`` (absolute ones are used as they are). Image ids number
+    Image paths are relative to ``images`` (absolute ones are used as they are when they lie inside
+    it; paths that lead out of it are skipped, see the module doc). Image ids number
     the images in order of first appearance (0, 1, ...); rows of one image keep their order."""
     root = Path(images).expanduser()
     path = Path(captions).expanduser()
@@ -405,7 +522,7 @@ def folder_records(images: str | Path, captions: str | Path, info: dict | None =
         where = f"{path}, line {line}"
         image = str(image).strip() if image is not None else ""
         caps = caption if isinstance(caption, list) else [caption]
-        caps = [str(c).strip() for c in caps if c is not None and str(c).strip()]
+        caps = [str(c).strip() for c in caps if c is not None and has_words(str(c))]
         if not image:
             if not caps:
                 continue  # an empty row
@@ -414,9 +531,8 @@ def folder_records(images: str | Path, captions: str | Path, info: dict | None =
         split = normalise_split(split, where)
         rec = by_image.get(image)
         if rec is None:
-            source = Path(image) if os.path.isabs(image) else root / image
             rec = by_image[image] = Record(split=split or "", image_id=len(by_image), file_name=image,
-                                           captions=[], source=str(source))
+                                           captions=[], source=image_source(root, image))
             if split:
                 split_line[image] = line
         elif split and rec.split and split != rec.split:

@@ -57,4 +57,12 @@ class Vocab:
     def load(cls, path: Path) -> "Vocab":
         if not Path(path).is_file():
             raise UserError(f"vocabulary {path} is missing; run `capcli prepare` to make the dataset dir")
-        return cls(json.loads(Path(path).read_text()))
+        redo = f"rerun `capcli prepare ... --out {Path(path).parent} --overwrite` to rebuild it"
+        try:
+            itos = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"vocabulary {path} is not valid JSON ({str(exc)[:120]}); {redo}") from exc
+        if not isinstance(itos, list) or not all(isinstance(t, str) for t in itos) or list(itos[:4]) != list(SPECIALS):
+            raise UserError(f"{path} is not a vocabulary (a JSON list of tokens starting with "
+                            f"{', '.join(SPECIALS)}); {redo}")
+        return cls(itos)

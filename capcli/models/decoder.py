@@ -130,10 +130,13 @@ class InferenceStep:
         emb = decoder.embedding.embedding_dim
         self.decoder = decoder
         self.att_dim, self.enc_dim, self.gates = att.dec_att.out_features, decoder.enc_dim, 4 * decoder.dec_dim
+        # under autocast the products run in its dtype: cast the weights once, not at every step
+        low = _active_autocast_dtype(lstm.weight_ih.device.type)
+        cast = (lambda w: w.to(low)) if low is not None else (lambda w: w)
         with torch.no_grad():
-            self.w_h = torch.cat([att.dec_att.weight, decoder.f_beta.weight, lstm.weight_hh])
+            self.w_h = cast(torch.cat([att.dec_att.weight, decoder.f_beta.weight, lstm.weight_hh]))
             self.b_h = torch.cat([att.dec_att.bias, decoder.f_beta.bias, lstm.bias_ih + lstm.bias_hh])
-        self.w_emb, self.w_ctx = lstm.weight_ih[:, :emb], lstm.weight_ih[:, emb:]
+            self.w_emb, self.w_ctx = cast(lstm.weight_ih[:, :emb]), cast(lstm.weight_ih[:, emb:])
         self.w_full, self.b_full = att.full_att.weight.view(-1), att.full_att.bias
         self.table = decoder.gate_table() if use_table else None
 
@@ -157,6 +160,16 @@ class InferenceStep:
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         return h, c, alpha
+
+
+def _active_autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs products in on this device type now, or None when it is off."""
+    try:
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except (AttributeError, TypeError, RuntimeError):  # torch < 2.4: no per-device queries
+        pass
+    return None
 
 
 def _autocast_off(device_type: str):

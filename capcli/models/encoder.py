@@ -165,3 +165,25 @@ class Encoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.feature_norm(self.regions(images))
+
+    @torch.inference_mode()
+    def check_grid(self, image_size: int) -> None:
+        """A UserError when ``grid`` asks for more regions than the backbone's feature map has at
+        ``image_size`` px (pooling would only repeat features); one small forward to find out."""
+        if not self.grid:
+            return
+        param = next(self.backbone.parameters())
+        size = self.image_size or image_size
+        x = torch.zeros(1, 3, size, size, device=param.device)
+        was = self.backbone.training
+        self.backbone.eval()
+        try:
+            feats = self.backbone.forward_features(self.normalize(x))
+        finally:
+            self.backbone.train(was)
+        if feats.dim() != 4:  # token models: no grid pooling
+            return
+        h, w = feats.shape[-2:]
+        if self.grid > min(h, w):
+            raise UserError(f"model.grid={self.grid} is larger than {self.name}'s {h}x{w} feature map at {size} px; "
+                            f"use model.grid<={min(h, w)}, larger images (prepare --size) or model.image_size")

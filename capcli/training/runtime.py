@@ -100,9 +100,16 @@ def seed_everything(seed: int) -> None:
 
 
 def autocast_dtype(amp, device: torch.device) -> torch.dtype | None:
-    """Resolve ``train.amp`` for a device: None (full precision), torch.bfloat16 or torch.float16."""
+    """Resolve ``train.amp`` for a device: None (full precision), torch.bfloat16 or torch.float16.
+
+    ``auto``: bf16 (fp16 where bf16 is missing) on CUDA, full precision elsewhere. ``bf16`` on the
+    CPU is honoured: CPUs with AMX or AVX512-BF16 run it about twice as fast as float32."""
     if amp not in ("auto", "off", "bf16", "fp16", True, False, None):
         raise UserError(f"amp {amp!r}: use auto, off, bf16 or fp16")
+    if device.type == "cpu" and amp == "bf16":
+        return torch.bfloat16
+    if device.type == "cpu" and amp == "fp16":
+        raise UserError("amp fp16 is for CUDA; on the CPU use bf16 (fast where the CPU has AMX or AVX512-BF16) or off")
     if amp in ("off", False, None) or device.type != "cuda":
         return None
     if amp in ("auto", True):

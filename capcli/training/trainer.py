@@ -167,6 +167,8 @@ class Trainer:
         if init is not None:
             self.model.load_state_dict(init["model"])
         self.model.to(self.device)
+        if self.ckpt is None:  # a new run: its grid must fit the feature map (a resumed one did)
+            self.model.encoder.check_grid(self.train_set.image_size)
         self.objective = build_objective(cfg, self.model, self.train_set, self.max_length)
         self.amp_dtype = autocast_dtype(cfg.train.amp, self.device)
 
