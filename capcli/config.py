@@ -79,6 +79,7 @@ class TrainConfig:
     val_beam: int = 1  # beam size of the free-running validation decode (1 = greedy)
     max_length: int = 0  # longest decoded caption (0 = the dataset's max length)
     log_every: int = 10  # steps between progress updates
+    max_bad_steps: int = 20  # steps in a row with a NaN/inf loss (each skipped) before the run stops
 
 
 @dataclass
@@ -301,6 +302,8 @@ def validate(cfg: Config) -> None:
             raise UserError(f"train.{key} must be 0 or more, got {getattr(t, key)!r}")
     if t.lr_patience < 1:
         raise UserError(f"train.lr_patience must be at least 1, got {t.lr_patience!r}")
+    if t.max_bad_steps < 1:
+        raise UserError(f"train.max_bad_steps must be at least 1, got {t.max_bad_steps!r}")
     if t.log_every < 1:
         raise UserError(f"train.log_every must be at least 1, got {t.log_every!r}")
     if t.val_beam < 1:

@@ -7,7 +7,7 @@ pass ``progress(phase, done, total)`` to follow it. Habits from timm's benchmark
 - ``torch.cuda.synchronize`` around every timed iteration on CUDA, so a time covers the GPU work
   and not just the kernel launches;
 - inference under ``torch.inference_mode``;
-- on CUDA out-of-memory the run is retried with half the batch (the row says which batch ran).
+- on out-of-memory (CUDA or host) the run is retried with half the batch (the row says which batch ran).
 
 Throughput is work / total timed seconds (the mean step); ``step_ms`` is the median step (latency,
 robust to a stray slow step).
@@ -42,6 +42,7 @@ from typing import Callable
 import torch
 
 from capcli.errors import UserError
+from capcli.training.memory import free_memory, is_out_of_memory  # noqa: F401  (re-exported for the benchmarks)
 
 # progress(phase, done, total): e.g. ("train", 3, 13), counting warm-up and timed iterations
 ProgressFn = Callable[[str, int, int], None]
@@ -163,29 +164,20 @@ class PeakMemory:
         return None
 
 
-def is_oom(exc: BaseException, device: torch.device) -> bool:
-    return device.type == "cuda" and isinstance(exc, torch.cuda.OutOfMemoryError)
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
 
 def with_oom_retry(run: Callable[[int], dict], size: int, device: torch.device, what: str) -> dict:
-    """``run(size)``; on CUDA out-of-memory retry with ``size // 2`` until it fits (or size 0)."""
+    """``run(size)``; on out-of-memory (CUDA or host) retry with ``size // 2`` until it fits (or size 0)."""
     requested = size
     while True:
         try:
             out = run(size)
             break
         except Exception as exc:  # noqa: BLE001 - only OOM is retried, the rest re-raised
-            if not is_oom(exc, device):
+            if not is_out_of_memory(exc):
                 raise
         free_memory(device)  # outside the except block: the traceback no longer pins the failed tensors
         if size <= 1:
-            raise UserError(f"{what}: out of GPU memory even with a batch of 1; use a smaller "
+            raise UserError(f"{what}: out of memory even with a batch of 1; use a smaller "
                             "--image-size or another device")
         size //= 2
     out["oom_retries"] = int(round(math.log2(requested / size))) if size != requested else 0

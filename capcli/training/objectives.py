@@ -179,19 +179,35 @@ class TrainStep:
     """One optimisation step, the same for training and `capcli benchmark train`: the objective
     under autocast, backward (scaled for fp16), gradient clipping by value, the optimizer step.
 
+    A step whose loss is not finite (NaN or inf, on any rank) changes nothing: no backward, no
+    update; its output says ``skipped`` and the trainer counts it (``train.max_bad_steps``). That
+    check reads one number per step from the device.
+
     ``task`` is the objective, or its DDP wrapper; ``params`` the parameters that are clipped.
     """
 
     def __init__(self, task: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                 device: torch.device, amp_dtype: torch.dtype | None = None, grad_clip: float = 0.0):
+                 device: torch.device, amp_dtype: torch.dtype | None = None, grad_clip: float = 0.0,
+                 world: int = 1):
         self.task, self.optimizer, self.scaler = task, optimizer, scaler
-        self.device, self.amp_dtype, self.grad_clip = device, amp_dtype, grad_clip
+        self.device, self.amp_dtype, self.grad_clip, self.world = device, amp_dtype, grad_clip, world
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def _finite(self, loss: torch.Tensor) -> bool:
+        ok = torch.isfinite(loss.detach()).float()
+        if self.world > 1:  # every rank skips, or none
+            import torch.distributed as dist
+
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
 
     def __call__(self, batch: dict, tf_ratio: float = 1.0) -> dict:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             out = self.task(batch, tf_ratio)
         self.optimizer.zero_grad(set_to_none=True)
+        out["skipped"] = not self._finite(out["loss"])
+        if out["skipped"]:
+            return out
         self.scaler.scale(out["loss"]).backward()
         if self.grad_clip:
             self.scaler.unscale_(self.optimizer)

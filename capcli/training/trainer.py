@@ -36,6 +36,7 @@ from capcli.errors import UserError
 from capcli.evaluate import evaluate_model
 from capcli.models.captioner import Captioner
 from capcli.training.objectives import TrainStep, build_objective, make_adam
+from capcli.training.memory import is_out_of_memory, largest_fitting_batch
 from capcli.training.runtime import (all_reduce_sum, autocast_dtype, broadcast_from_main,
                                      cleanup_distributed, resolve_num_workers, seed_everything,
                                      setup_distributed)
@@ -140,6 +141,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "checkpoints").mkdir(exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
+            if self.ckpt is not None:
+                self._rewind_run_files()
             self._setup_tensorboard()
         if d.world > 1:
             torch.distributed.barrier()
@@ -201,6 +204,8 @@ class Trainer:
         self.best, self.best_epoch, self.bad_validations = -math.inf, 0, 0
         self.epoch_sums = torch.zeros(len(self.objective.sum_names), dtype=torch.float64, device=self.device)
         self.epoch_samples, self.epoch_seconds = 0, 0.0
+        self.bad_steps = 0  # NaN/inf losses in a row
+        self.skipped_steps = int(self.ckpt.get("skipped_steps", 0)) if self.ckpt else 0
         ck = self.ckpt
         if ck is not None:
             self.epoch, self.step = int(ck["epoch"]), int(ck["step"])
@@ -226,6 +231,25 @@ class Trainer:
         if ck.get("lr_schedule"):
             self.schedule.load_state_dict(ck["lr_schedule"])
         checkpoint.set_rng_state(ck["rng"])
+
+    def _rewind_run_files(self) -> None:
+        """A run killed between writing a metrics record and its checkpoint (or in the middle of a
+        record) resumes from the checkpoint: records past its step go, and so do the temporary
+        files of checkpoint writes that a kill interrupted."""
+        path = self.run_dir / "metrics.jsonl"
+        if path.is_file():
+            kept = []
+            for line in path.read_text().splitlines(keepends=True):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    break  # torn by a kill: it and anything after it
+                if not line.endswith("\n") or record.get("step", 0) > self.step:
+                    break
+                kept.append(line)
+            path.write_text("".join(kept))
+        for tmp in (self.run_dir / "checkpoints").glob(".*.tmp*"):
+            tmp.unlink(missing_ok=True)
 
     def _frozen_at(self, epoch: int) -> bool:
         return not self.cfg.model.finetune or epoch < self.cfg.train.finetune_after
@@ -273,7 +297,7 @@ class Trainer:
                 self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.task = task
         self.train_step = TrainStep(task, self.optimizer, self.scaler, self.device, self.amp_dtype,
-                                    self.cfg.train.grad_clip)
+                                    self.cfg.train.grad_clip, world=self.d.world)
 
     def _setup_tensorboard(self) -> None:
         if self.cfg.log.tensorboard:
@@ -355,9 +379,16 @@ class Trainer:
                 return
             ratio = tf_ratio(cfg.train, self.step, self.total_steps)
             self.schedule.step(self.step)
-            out = self.train_step(self._to_device(batch), ratio)
-            self.epoch_sums += out["sums"]
-            self.epoch_samples += out["samples"]
+            out = self._guarded_step(batch, ratio)
+            if out["skipped"]:  # a NaN/inf loss: nothing changed; counted, and enough in a row stop the run
+                self.bad_steps += 1
+                self.skipped_steps += 1
+                if self.bad_steps >= cfg.train.max_bad_steps:
+                    self._stop_on_bad_steps(out)
+            else:
+                self.bad_steps = 0
+                self.epoch_sums += out["sums"]
+                self.epoch_samples += out["samples"]
             self.step += 1
             self.batch_in_epoch += 1
             now = self.clock()
@@ -382,6 +413,36 @@ class Trainer:
         self._end_of_stretch(ratio, validate=validate, epoch_done=True)
         if stop is not None and self.stop_reason == "epochs":
             self.stop_reason = stop
+
+    def _guarded_step(self, batch: dict, ratio: float) -> dict:
+        """The training step; out of memory becomes a one-line error with a batch size that fits."""
+        try:
+            return self.train_step(self._to_device(batch), ratio)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
+            if not is_out_of_memory(exc):
+                raise
+        self.optimizer.zero_grad(set_to_none=True)
+        fits = largest_fitting_batch(self.task, batch, self._to_device, ratio, self.amp_dtype, self.device)
+        k = self.train_set.captions_per_image
+        where = f"on {torch.cuda.get_device_name(self.device)}" if self.device.type == "cuda" else "in host memory"
+        hint = (f"train.batch_size={fits * k} ({fits} images) fits {where}: rerun with it"
+                if fits else "not even one image fits: use a smaller encoder, model.image_size or model.finetune=false")
+        raise UserError(f"out of memory at train.batch_size={self.cfg.train.batch_size} "
+                        f"({self.images_per_batch} images a step) {where}; {hint}"
+                        + (f" (or `capcli train --resume {self.run_dir}` after editing its config.yaml)"
+                           if (self.run_dir / "checkpoints" / "last.pt").is_file() else ""))
+
+    def _stop_on_bad_steps(self, out: dict) -> None:
+        t = self.cfg.train
+        last = self.run_dir / "checkpoints" / "last.pt"
+        keep = f"; the last good checkpoint stays: {last}" if last.is_file() else ""
+        causes = []
+        if self.amp_dtype == torch.float16:
+            causes.append("fp16 overflowing: use train.amp=bf16 or off")
+        causes.append(f"a learning rate too high for this model: lower train.lr (now {t.lr:g})"
+                      + (f" or train.encoder_lr (now {t.encoder_lr:g})" if not self.frozen_stage else ""))
+        raise UserError(f"the loss was NaN/inf for {self.bad_steps} steps in a row (step {self.step + 1}, epoch "
+                        f"{self.epoch + 1}; each was skipped); likely {' or '.join(causes)}{keep}")
 
     def _to_device(self, batch: dict) -> dict:
         longest = int(batch["lengths"].max())  # trim padding past the batch's longest caption
@@ -432,7 +493,7 @@ class Trainer:
                   "tf_ratio": ratio, "samples_per_s": samples / max(self.epoch_seconds, 1e-9),
                   "lr": self.optimizer.param_groups[0]["lr"],
                   "encoder_lr": next((g["lr"] for g in self.optimizer.param_groups if g.get("name") == "encoder"), 0.0),
-                  "train_seconds": round(self.epoch_seconds, 2)}
+                  "train_seconds": round(self.epoch_seconds, 2), "skipped_steps": self.skipped_steps}
         improved = False
         if validate and d.main:
             scores = self.validate()
@@ -532,6 +593,7 @@ class Trainer:
             "best_score": self.best if math.isfinite(self.best) else None,
             "best_epoch": self.best_epoch,
             "bad_validations": self.bad_validations,
+            "skipped_steps": self.skipped_steps,
             "rng": checkpoint.rng_state(),
             "capcli_version": capcli.__version__,
             "torch_version": str(torch.__version__),
