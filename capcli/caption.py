@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
 from capcli.data.images import load_image
-from capcli.errors import UserError
+from capcli.errors import UserError, disk_space
 
 OUTPUT_SUFFIXES = (".jsonl", ".json", ".csv")
 FIELDS = ["file", "caption", "error", "attention_map"]
@@ -125,8 +125,11 @@ class RowLog:
         if self._f is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._f = open(self.path, "a", encoding="utf-8")
-        self._f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        self._f.flush()
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        with disk_space(self.path, len(text.encode()) * 100, "the rows written so far are kept: free some "
+                        "space, then rerun with --resume"):
+            self._f.write(text)
+            self._f.flush()
 
     def close(self) -> None:
         if self._f is not None:

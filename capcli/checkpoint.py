@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from capcli.errors import UserError
+from capcli.errors import UserError, disk_space
 
 MODEL_FORMAT = "capcli-model"
 MODEL_FORMAT_VERSION = 1
@@ -62,11 +62,24 @@ def save(state: dict, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        torch.save(state, tmp)
+        with disk_space(path, _tensor_bytes(state), "the previous checkpoint is intact: free some space, "
+                        "then `capcli train --resume RUN` continues from it"):
+            torch.save(state, tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _tensor_bytes(obj) -> int:
+    """About what ``obj`` takes on disk: the bytes of every tensor in it."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 64
 
 
 def load(path: str | Path, map_location="cpu") -> dict:

@@ -6,3 +6,45 @@ class UserError(Exception):
 
     The message names the input and the fix; the CLI prints it without a traceback.
     """
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """An OSError for a full disk (errno ENOSPC), also as h5py words it."""
+    import errno
+
+    return isinstance(exc, OSError) and (exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc))
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+class disk_space:  # noqa: N801 - used as a context manager, like contextlib's
+    """Turn a full disk while writing ``path`` into a one-line UserError naming the path, about how
+    many bytes the write needs and how many are free, and how to continue (``then``)."""
+
+    def __init__(self, path, needed_bytes: float, then: str = "free some space and rerun"):
+        self.path, self.needed, self.then = path, needed_bytes, then
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None or not is_disk_full(exc):
+            return False
+        import shutil
+        from pathlib import Path
+
+        where = Path(self.path)
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        try:
+            free = f", {_size(shutil.disk_usage(where).free)} free there"
+        except OSError:
+            free = ""
+        raise UserError(f"disk full writing {self.path}: it needs about {_size(self.needed)}{free}; "
+                        f"{self.then}") from exc

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from capcli.errors import UserError
+from capcli.errors import UserError, is_disk_full
 from capcli.report import err_console
 
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
@@ -72,7 +72,9 @@ def command(fn):
         except Exception as exc:  # a bug: say so in one line, the traceback is one flag away
             if debug:
                 traceback.print_exc()
-            else:
+            if is_disk_full(exc):  # a write that no writer guarded
+                fail(f"disk full writing {exc.filename or 'a file'}: free some space and rerun")
+            elif not debug:
                 fail(f"{type(exc).__name__}: {exc} (an internal error; rerun with --debug for the traceback)")
             raise typer.Exit(1)
 

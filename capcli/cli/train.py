@@ -61,8 +61,11 @@ def finished_line(summary: dict) -> str:
     metric, best = summary["best_metric"], summary["best_score"]
     label = {"bleu4": "BLEU-4", "cider": "CIDEr-D"}.get(metric, metric)
     shown = "-" if best is None else f"{100 * best:.2f}" if metric == "bleu4" else f"{best:.3f}"
-    return (f"finished ({summary['stop_reason']}) after {summary['epochs_run']} epoch(s), "
+    line = (f"finished ({summary['stop_reason']}) after {summary['epochs_run']} epoch(s), "
             f"{summary['seconds']:.0f} s; best val {label} {shown} at epoch {summary['best_epoch']}")
+    if summary["stop_reason"] in ("signal", "max_minutes"):
+        line += f"; `capcli train --resume {summary['run_dir']}` continues it"
+    return line
 
 
 def training_progress(bar, quiet: bool = False, prefix: str = ""):

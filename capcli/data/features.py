@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from capcli.data.dataset import CaptionDataset, collate
+from capcli.errors import disk_space
 
 
 def encoder_fingerprint(encoder) -> str:
@@ -89,14 +90,16 @@ def build_cache(encoder, dataset: CaptionDataset, device: torch.device, path: Pa
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 regions = encoder.regions(batch["images"].to(device))
             arr = regions.float().cpu().numpy().astype(np.float16)
-            if f is None:
-                f = h5py.File(tmp, "w")
-                f.create_dataset("regions", (len(dataset), *arr.shape[1:]), dtype="float16",
-                                 chunks=(1, *arr.shape[1:]))
-            f["regions"][done:done + len(arr)] = arr
+            left = arr[0].nbytes * (len(dataset) - done)
+            with disk_space(tmp, left, f"the {done} images cached so far are kept: free some space and rerun"):
+                if f is None:
+                    f = h5py.File(tmp, "w")
+                    f.create_dataset("regions", (len(dataset), *arr.shape[1:]), dtype="float16",
+                                     chunks=(1, *arr.shape[1:]))
+                f["regions"][done:done + len(arr)] = arr
+                f.attrs["done"] = done + len(arr)  # after the data: a kill leaves the count at most behind it
+                f.flush()
             done += len(arr)
-            f.attrs["done"] = done  # after the data: a kill leaves the count at most behind it
-            f.flush()
             if progress is not None:
                 progress(done, len(dataset))
             if deadline is not None and time.perf_counter() > deadline and done < len(dataset):

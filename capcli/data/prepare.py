@@ -44,7 +44,7 @@ import numpy as np
 import capcli
 from capcli.data.images import RESIZE_POLICIES, load_image
 from capcli.data.vocab import SPECIALS, Vocab
-from capcli.errors import UserError
+from capcli.errors import UserError, disk_space
 from capcli.text import tokenize
 
 ProgressFn = Callable[[str, int, int], None]
@@ -553,10 +553,14 @@ def write_dataset(
                 resumed[split] = state["done"][split]["images"] + state["done"][split]["skipped"]
                 continue
             index = [g for g, r in enumerate(records) if r.split == split]
-            summary, skipped = _write_split(
-                [records[g] for g in index], index, tokens, out, split, vocab, fp=fp, image_size=image_size,
-                loader=loader, k=captions_per_image, max_length=max_length, policy=resize_policy, pool=pool, workers=workers, seed=seed,
-                progress=progress, resumed=resumed, stats=stats, plan=plan, slots=slots)
+            with disk_space(out / f"{split}.h5", len(index) * 3 * image_size ** 2,
+                            "the splits and images written so far are kept: free some space, then rerun the "
+                            "same command (it continues)"):
+                summary, skipped = _write_split(
+                    [records[g] for g in index], index, tokens, out, split, vocab, fp=fp, image_size=image_size,
+                    loader=loader, k=captions_per_image, max_length=max_length, policy=resize_policy, pool=pool,
+                    workers=workers, seed=seed, progress=progress, resumed=resumed, stats=stats, plan=plan,
+                    slots=slots)
             state["done"][split] = summary
             state["skipped"][split] = skipped
             _write_json(state_path, state)

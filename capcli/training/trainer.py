@@ -205,6 +205,7 @@ class Trainer:
         self.epoch_sums = torch.zeros(len(self.objective.sum_names), dtype=torch.float64, device=self.device)
         self.epoch_samples, self.epoch_seconds = 0, 0.0
         self.bad_steps = 0  # NaN/inf losses in a row
+        self.validated_step = -1  # the step of the last validation
         self.skipped_steps = int(self.ckpt.get("skipped_steps", 0)) if self.ckpt else 0
         ck = self.ckpt
         if ck is not None:
@@ -375,7 +376,8 @@ class Trainer:
                 return
             if stop == "max_minutes":  # one more step would eat into the final validation's time
                 self.stop_reason = stop
-                self._end_of_stretch(ratio, validate=True)
+                if self.step > self.validated_step:  # else the weights were validated and saved already
+                    self._end_of_stretch(ratio, validate=True)
                 return
             ratio = tf_ratio(cfg.train, self.step, self.total_steps)
             self.schedule.step(self.step)
@@ -495,6 +497,8 @@ class Trainer:
                   "encoder_lr": next((g["lr"] for g in self.optimizer.param_groups if g.get("name") == "encoder"), 0.0),
                   "train_seconds": round(self.epoch_seconds, 2), "skipped_steps": self.skipped_steps}
         improved = False
+        if validate:
+            self.validated_step = self.step
         if validate and d.main:
             scores = self.validate()
             record.update({f"val_{k}": scores[k] for k in ("loss", "top5", *VAL_KEYS)})
