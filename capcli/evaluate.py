@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader
 
-from capcli.data.dataset import CaptionDataset, collate
+from capcli.data.dataset import CaptionDataset, collate, trim_padding
 from capcli.data.features import CachedFeatureDataset, collate_cached
 from capcli.decode import beam_search
 from capcli.errors import UserError
@@ -131,7 +131,8 @@ def _decode_split(model, dataset: CaptionDataset, device: torch.device, vocab, *
             if progress is not None:
                 progress(len(hyps), len(dataset))
             if teacher_forced:  # teacher-forced loss and top-5 (what the seed reported), same features
-                tf_batch = {"captions": batch["captions"].to(device), "lengths": batch["lengths"].to(device)}
+                tf_batch = trim_padding(batch)
+                tf_batch = {"captions": tf_batch["captions"].to(device), "lengths": batch["lengths"].to(device)}
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     out = objective(tf_batch, 1.0, feats=feats)["sums"]
                 sums = out if sums is None else sums + out

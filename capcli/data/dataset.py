@@ -160,3 +160,10 @@ def collate(items: list[dict]) -> dict:
         "lengths": torch.stack([it["lengths"] for it in items]),  # (B, K)
         "index": torch.tensor([it["index"] for it in items]),
     }
+
+
+def trim_padding(batch: dict) -> dict:
+    """The batch's captions cut after its longest caption (stored captions are padded to the
+    dataset's longest, often three times a typical one): read on the CPU, before any transfer."""
+    longest = int(batch["lengths"].max())
+    return {**batch, "captions": batch["captions"][:, :, :longest]}

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Sampler
 import capcli
 from capcli import checkpoint
 from capcli.config import Config, best_metric, config_from_dict, parse_val_every, save_config
-from capcli.data.dataset import CaptionDataset, collate
+from capcli.data.dataset import CaptionDataset, collate, trim_padding
 from capcli.data.features import CachedFeatureDataset, build_cache, cache_dir, cache_file, collate_cached
 from capcli.errors import UserError
 from capcli.evaluate import evaluate_model
@@ -447,8 +447,8 @@ class Trainer:
                         f"{self.epoch + 1}; each was skipped); likely {' or '.join(causes)}{keep}")
 
     def _to_device(self, batch: dict) -> dict:
-        longest = int(batch["lengths"].max())  # trim padding past the batch's longest caption
-        out = {"captions": batch["captions"][:, :, :longest].to(self.device, non_blocking=True),
+        batch = trim_padding(batch)
+        out = {"captions": batch["captions"].to(self.device, non_blocking=True),
                "lengths": batch["lengths"].to(self.device, non_blocking=True), "index": batch["index"]}
         for key in ("images", "regions"):
             if key in batch:
