@@ -561,8 +561,6 @@ class Trainer:
         """Seconds a validation will take, before the first one: decode one batch and scale up."""
         if not self.d.main:
             return 0.0
-        from capcli.data.dataset import CaptionDataset
-
         n = min(len(self.val_set), max(self.images_per_batch, 16))
         probe = CaptionDataset(self.cfg.data.dir, self.cfg.data.val_split, max_images=n)
         t0 = self.clock()
