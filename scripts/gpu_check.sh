@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU path of capcli, checked on a bare CUDA machine in under ten minutes:
+# The GPU path of capcli, checked on a bare CUDA machine in under ten minutes (each step has a
+# time limit: 200 + 2 x 100 + 120 + 120 s at most):
 #   1. the CUDA tests of the suite (tests/test_cuda.py: every precision, cache, exact resume, decoding);
 #   2. `capcli benchmark train` of convnext_small at 224 px, fine-tuning: fp32 against bf16 + channels_last
 #      (target: bf16 + channels_last >= 2x fp32);
@@ -35,13 +36,13 @@ EOF
 NGPU=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
 
 section "1. CUDA tests"
-timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.log" | tail -n 15
+timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.log" | tail -n 15
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 section "2. benchmark train: convnext_small, 224 px, fine-tuning, 32 pairs a step"
 for run in "fp32 off false" "bf16_cl bf16 true"; do
   set -- $run
-  timeout 150 capcli benchmark train --encoder convnext_small --image-size 224 --batch 160 --mode finetune \
+  timeout 100 capcli benchmark train --encoder convnext_small --image-size 224 --batch 160 --mode finetune \
     --steps 20 --warmup 5 --amp "$2" --channels-last "$3" --device cuda --quiet --output "$OUT/train_$1.json" \
     > "$OUT/train_$1.log" 2>&1 || { status=1; tail -n 5 "$OUT/train_$1.log"; }
 done
@@ -59,7 +60,7 @@ EOF
 section "3. DDP"
 if [ "$NGPU" -ge 2 ]; then
   "$PY" -m capcli prepare synthetic --out "$OUT/ddp-data" --images 400 --size 64 --quiet
-  timeout 180 "$PY" -m torch.distributed.run --nproc_per_node "$NGPU" -m capcli train tiny \
+  timeout 120 "$PY" -m torch.distributed.run --nproc_per_node "$NGPU" -m capcli train tiny \
     data.dir="$OUT/ddp-data" run.dir="$OUT/ddp-runs" run.name=ddp train.epochs=2 --device cuda 2>&1 \
     | tee "$OUT/ddp.log" | tail -n 4
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
@@ -68,7 +69,7 @@ else
 fi
 
 section "4. quickstart on the GPU"
-timeout 150 capcli quickstart --out "$OUT/quickstart" --images 300 --epochs 2 --device cuda 2>&1 \
+timeout 120 capcli quickstart --out "$OUT/quickstart" --images 300 --epochs 2 --device cuda 2>&1 \
   | tee "$OUT/quickstart.log" | tail -n 12
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
