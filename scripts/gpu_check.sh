@@ -21,7 +21,6 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-capcli() { "$PY" -m capcli "$@"; }
 status=0
 section() { printf '\n=== %s (%s) ===\n' "$1" "$(date +%T)"; }
 
@@ -42,7 +41,7 @@ timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee
 section "2. benchmark train: convnext_small, 224 px, fine-tuning, 32 pairs a step"
 for run in "fp32 off false" "bf16_cl bf16 true"; do
   set -- $run
-  timeout 100 capcli benchmark train --encoder convnext_small --image-size 224 --batch 160 --mode finetune \
+  timeout 100 "$PY" -m capcli benchmark train --encoder convnext_small --image-size 224 --batch 160 --mode finetune \
     --steps 20 --warmup 5 --amp "$2" --channels-last "$3" --device cuda --quiet --output "$OUT/train_$1.json" \
     > "$OUT/train_$1.log" 2>&1 || { status=1; tail -n 5 "$OUT/train_$1.log"; }
 done
@@ -69,7 +68,7 @@ else
 fi
 
 section "4. quickstart on the GPU"
-timeout 120 capcli quickstart --out "$OUT/quickstart" --images 300 --epochs 2 --device cuda 2>&1 \
+timeout 120 "$PY" -m capcli quickstart --out "$OUT/quickstart" --images 300 --epochs 2 --device cuda 2>&1 \
   | tee "$OUT/quickstart.log" | tail -n 12
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
