@@ -5,7 +5,6 @@ Resolved once per command and passed down; nothing here is module-level state.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 from dataclasses import dataclass
@@ -115,13 +114,6 @@ def autocast_dtype(amp, device: torch.device) -> torch.dtype | None:
     if amp in ("auto", True):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """``torch.autocast`` for ``dtype``, or a no-op context when it is None (full precision)."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def usable_cpus() -> int:

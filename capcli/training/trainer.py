@@ -156,7 +156,8 @@ class Trainer:
         self.images_per_batch = max(1, cfg.train.batch_size // k)
         self.max_length = cfg.train.max_length or self.train_set.max_length
         self.num_workers = resolve_num_workers(cfg.data.num_workers, self.d)
-        self.steps_per_epoch = -(-(-(-len(self.train_set) // self.d.world)) // self.images_per_batch)
+        per_rank = math.ceil(len(self.train_set) / self.d.world)  # EpochSampler pads to an even split
+        self.steps_per_epoch = math.ceil(per_rank / self.images_per_batch)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.data_info = {"image_size": self.train_set.image_size,
                           "resize": self.train_set.manifest.get("resize", "squash"),
