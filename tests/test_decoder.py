@@ -270,3 +270,44 @@ def test_gate_table_is_held_only_while_the_weights_are_frozen():
     with torch.no_grad():
         dec.embedding.weight[7] += 1.0  # weights change between blocks (training)
     torch.testing.assert_close(dec.gate_table()[7], dec.lstm.weight_ih[:, :6] @ dec.embedding.weight[7])
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.0])
+@pytest.mark.parametrize("lengths", [[5, 7, 2, 4], [7, 7, 7, 3], [2, 3, 4, 5], [7, 7, 6, 7], [7, 7, 7, 7]])
+def test_known_lengths_run_each_caption_its_own_steps(setup, ratio, lengths):
+    """With ``lengths`` every caption runs only its own steps (sorted, the batch shrinking): the
+    scores, attention and every gradient of a loss over the real steps equal the full pass's."""
+    dec, feats, captions = setup
+    lengths = torch.tensor(lengths)  # counting <start> and <end>; captions are (4, 7): 6 steps at most
+    real = torch.arange(6).unsqueeze(0) < (lengths - 1).unsqueeze(1)  # (N, T) the real steps
+    feats.requires_grad_()
+
+    def masked(run):
+        def go():
+            logits, alphas = run()
+            return logits * real.unsqueeze(2), alphas * real.unsqueeze(2)
+        return go
+
+    full_logits, full_alphas = masked(lambda: dec(feats, captions, tf_ratio=ratio))()
+    logits, alphas = dec(feats, captions, tf_ratio=ratio, lengths=lengths)
+    assert torch.isfinite(logits).all() and torch.isfinite(alphas).all()
+    torch.testing.assert_close(logits * real.unsqueeze(2), full_logits, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(alphas * real.unsqueeze(2), full_alphas, rtol=1e-10, atol=1e-10)
+    assert (alphas[~real] == 0).all()  # after a caption's end: placeholders, no attention
+    ref = grads_of(dec, feats, masked(lambda: dec(feats, captions, tf_ratio=ratio)))
+    fast = grads_of(dec, feats, masked(lambda: dec(feats, captions, tf_ratio=ratio, lengths=lengths)))
+    for name in ref:
+        torch.testing.assert_close(fast[name], ref[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_known_lengths_leave_the_training_loss_unchanged(setup):
+    """The cross-entropy + attention loss of a padded batch is the same whether the decoder runs
+    the padding steps or skips them."""
+    dec, feats, captions = setup
+    lengths = torch.tensor([5, 7, 2, 4])
+    targets = captions[:, 1:]
+    logits, alphas = dec(feats, captions)
+    full = caption_loss(logits, targets, alphas, lengths)[0]
+    logits, alphas = dec(feats, captions, lengths=lengths)
+    short = caption_loss(logits, targets, alphas, lengths)[0]
+    torch.testing.assert_close(short, full, rtol=1e-12, atol=1e-12)

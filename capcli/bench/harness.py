@@ -47,7 +47,7 @@ from capcli.training.memory import free_memory, is_out_of_memory  # noqa: F401  
 # progress(phase, done, total): e.g. ("train", 3, 13), counting warm-up and timed iterations
 ProgressFn = Callable[[str, int, int], None]
 
-START, END = 1, 2  # capcli.data.vocab: <pad>=0, <start>=1, <end>=2, <unk>=3; random words are >= 4
+PAD, START, END = 0, 1, 2  # capcli.data.vocab: <pad>=0, <start>=1, <end>=2, <unk>=3; random words are >= 4
 FIRST_WORD = 4
 
 # ----------------------------------------------------------------------------- timing, memory
@@ -197,11 +197,15 @@ def random_images(n: int, image_size: int, device: torch.device, seed: int = 0) 
 
 def random_captions(images: int, per_image: int, words: int, vocab: int, device: torch.device,
                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, K, words + 2) ids: <start> w1..w_words <end>, no padding (every step is real)."""
+    """(images, K, words + 2) ids and (images, K) lengths: <start>, random words, <end>, then
+    <pad>. Lengths (counting <start> and <end>) are drawn uniformly from ``words // 2`` to
+    ``words + 1``, as the seed's benchmark draws them, so both decode the same number of steps."""
     g = torch.Generator().manual_seed(seed)
     caps = torch.randint(FIRST_WORD, vocab, (images, per_image, words + 2), generator=g)
-    caps[:, :, 0], caps[:, :, -1] = START, END
-    lengths = torch.full((images, per_image), words + 2, dtype=torch.long)
+    lengths = torch.randint(max(2, words // 2), words + 2, (images, per_image), generator=g)
+    pos = torch.arange(words + 2)
+    caps[:, :, 0] = START
+    caps = caps.masked_fill(pos == (lengths - 1).unsqueeze(2), END).masked_fill(pos >= lengths.unsqueeze(2), PAD)
     return caps.to(device), lengths.to(device)
 
 

@@ -16,15 +16,15 @@ MODES = ("frozen", "finetune", "cached")
 
 def bench_train(encoder: str, *, image_size: int = 224, batch: int = 32, mode: str = "finetune",
                 steps: int = 10, warmup: int = 3, device: torch.device | str = "cpu", amp="auto",
-                captions_per_image: int = 5, vocab: int = 1000, max_length: int = 16, grid: int = 7,
+                captions_per_image: int = 5, vocab: int = 1000, max_length: int = 20, grid: int = 7,
                 grad_clip: float = 5.0, tf_ratio: float = 1.0, channels_last="auto",
                 progress: ProgressFn | None = None) -> dict:
     """Throughput of training steps (forward, loss, backward, Adam step) on random data.
 
     ``batch`` counts caption-image pairs as ``train.batch_size`` does: each step encodes
-    ``batch // captions_per_image`` images and decodes ``captions_per_image`` captions of
-    ``max_length`` random words per image (no padding: every step is real), with teacher forcing
-    at ``tf_ratio``. The step is the trainer's: the ``xe`` objective, then ``TrainStep``.
+    ``batch // captions_per_image`` images and decodes ``captions_per_image`` captions of up to
+    ``max_length`` random words per image (lengths drawn as the seed's benchmark draws them, see
+    :func:`random_captions`), with teacher forcing at ``tf_ratio``. The step is the trainer's: the ``xe`` objective, then ``TrainStep``.
 
     Modes: ``finetune`` trains encoder and decoder; ``frozen`` runs the encoder under no_grad and
     trains the decoder; ``cached`` trains the decoder on precomputed random features of the

@@ -133,7 +133,7 @@ def train(
     warmup: WarmupOpt = 3,
     captions_per_image: Annotated[int, typer.Option("--captions-per-image", min=1, help="Captions per image.")] = 5,
     vocab: Annotated[int, typer.Option("--vocab", min=5, help="Vocabulary size of the random captions.")] = 1000,
-    max_length: Annotated[int, typer.Option("--max-length", min=1, help="Words per random caption.")] = 16,
+    max_length: Annotated[int, typer.Option("--max-length", min=1, help="Longest random caption in words; lengths are drawn from half of it up, as the seed's benchmark draws them.")] = 20,
     grid: Annotated[int, typer.Option("--grid", min=1, help="Feature grid side.")] = 7,
     tf_ratio: Annotated[float, typer.Option("--tf-ratio", min=0.0, max=1.0, help="Teacher-forcing ratio (1 = always the ground-truth word).")] = 1.0,
     channels_last: Annotated[str, typer.Option("--channels-last", help="Encoder memory format: auto (convnets) | true | false.")] = "auto",

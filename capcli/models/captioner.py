@@ -42,12 +42,17 @@ class Captioner(nn.Module):
         """
         return self.decode_captions(self.features(images, regions), captions, tf_ratio)
 
-    def decode_captions(self, feats: torch.Tensor, captions: torch.Tensor, tf_ratio: float = 1.0):
+    def decode_captions(self, feats: torch.Tensor, captions: torch.Tensor, tf_ratio: float = 1.0,
+                        lengths: torch.Tensor | None = None):
+        """Logits (B*K, T, V) and alphas (B*K, T, P) for captions (B, K, T+1) of B images.
+        ``lengths`` (B, K), counting <start> and <end>: each caption runs only its own steps (see
+        :meth:`Decoder.forward`)."""
         b, k, length = captions.shape
         proj = self.decoder.attention.project(feats)
         feats = feats.repeat_interleave(k, dim=0)
         proj = proj.repeat_interleave(k, dim=0)
-        return self.decoder(feats, captions.reshape(b * k, length), tf_ratio, enc_proj=proj)
+        return self.decoder(feats, captions.reshape(b * k, length), tf_ratio, enc_proj=proj,
+                            lengths=None if lengths is None else lengths.reshape(-1))
 
     def trainable_groups(self, lr: float, encoder_lr: float) -> list[dict]:
         # the feature norm sits between the two and learns with the decoder, even when frozen

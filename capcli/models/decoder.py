@@ -84,7 +84,7 @@ class Decoder(nn.Module):
             self._gate_table = None
 
     def forward(self, feats: torch.Tensor, captions: torch.Tensor, tf_ratio: float = 1.0,
-                enc_proj: torch.Tensor | None = None):
+                enc_proj: torch.Tensor | None = None, lengths: torch.Tensor | None = None):
         """Scores for captions[:, 1:] given captions[:, :-1].
 
         Args:
@@ -92,11 +92,31 @@ class Decoder(nn.Module):
             captions: (N, T+1) token ids, <start> first, padded.
             tf_ratio: probability of feeding the ground-truth token (1 = teacher forcing).
             enc_proj: ``attention.project(feats)`` if already computed.
+            lengths: (N,) caption lengths counting <start> and <end>, when known: each caption
+                then runs only its own ``length - 1`` steps (captions sorted longest first, the
+                batch shrinking as they end, as packed sequences do). The steps after a
+                caption's end then hold finite placeholders (attention zeros), which the loss
+                masks.
         Returns:
             logits (N, T, V) and attention weights (N, T, P).
         """
         if enc_proj is None:
             enc_proj = self.attention.project(feats)
+        active = restore = None
+        if lengths is not None:
+            steps = (lengths.reshape(-1) - 1).clamp(1, captions.size(1) - 1)
+            order = torch.argsort(steps, descending=True, stable=True)
+            sorted_steps = steps[order].tolist()
+            if sorted_steps[-1] < captions.size(1) - 1:  # else every caption runs every step
+                if any(a != b for a, b in zip(order.tolist(), range(len(sorted_steps)))):
+                    restore = torch.argsort(order)
+                    feats, enc_proj, captions = feats[order], enc_proj[order], captions[order]
+                # active[t]: captions still running at step t (a prefix, as they are sorted)
+                ends = torch.bincount(steps, minlength=captions.size(1)).tolist()
+                active, running = [], len(sorted_steps)
+                for t in range(captions.size(1) - 1):
+                    running -= ends[t]
+                    active.append(running)
         h, c = self.init_state(feats)
         # A Linear's output has the dtype matmuls run in (autocast's when it is on, else the
         # parameters'): the recurrence runs with autocast off and every operand cast to it.
@@ -112,9 +132,11 @@ class Decoder(nn.Module):
             feats.to(dtype), enc_proj.to(dtype), h, c.to(dtype), w_h.to(dtype), b_h.to(dtype),
             lstm.weight_ih.to(dtype), att.full_att.weight.view(-1).to(dtype), att.full_att.bias.to(dtype),
             self.embedding.weight.to(dtype), fc_w, fc_b, captions, float(tf_ratio),
-            self.dropout.p if self.dropout.training else 0.0, feats.dtype)
+            self.dropout.p if self.dropout.training else 0.0, feats.dtype, active)
         if teacher:
-            return self.logits(out), alphas  # one projection over all steps
+            out = self.logits(out)  # one projection over all steps
+        if restore is not None:
+            out, alphas = out[restore], alphas[restore]
         return out, alphas
 
 
@@ -199,25 +221,32 @@ class _Recurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, feats, enc_proj, h0, c0, w_h, b_h, w_x, w_full, b_full, emb_w, fc_w, fc_b,
-                captions, tf_ratio, p_drop, alpha_dtype):
+                captions, tf_ratio, p_drop, alpha_dtype, active=None):
         with _autocast_off(feats.device.type):
             n, regions, enc_dim = feats.shape
             att_dim, hid, emb_dim = enc_proj.size(2), h0.size(1), emb_w.size(1)
             steps = captions.size(1) - 1
             dtype = h0.dtype
             teacher = fc_w is None
-            hs = h0.new_empty(steps + 1, n, hid)
-            cs = c0.new_empty(steps + 1, n, hid)
+            # active[t]: the rows (a prefix: sorted longest first) still running at step t. The
+            # other rows' slots stay zero: the outputs there are placeholders, and the zeros keep
+            # the gradient GEMMs over all slots (below) exact.
+            shrink = active is not None
+            run = active if shrink else [n] * steps
+            new = h0.new_zeros if shrink else h0.new_empty
+            hs = new(steps + 1, n, hid)
+            cs = h0.new_empty(steps + 1, n, hid)
             hs[0], cs[0] = h0, c0
             acts = h0.new_empty(steps, n, 4 * hid)  # i, f, g, o after their nonlinearities
             # dec_att(h): backward rebuilds relu(enc_proj + query) from it rather than keep that
             # (N, P, A) tensor per step: written into a slice of a big buffer it misses the cache
             # where a recycled temporary hits it (measured 4x slower for that add and relu)
-            queries = h0.new_empty(steps, n, att_dim)
+            queries = new(steps, n, att_dim)
             gate = h0.new_empty(steps, n, enc_dim)
-            context = h0.new_empty(steps, n, enc_dim)
-            x = h0.new_empty(steps, n, emb_dim + enc_dim)  # LSTM input: [embedding, gated context]
-            alphas = h0.new_empty(steps, n, regions, dtype=torch.promote_types(dtype, torch.float32))
+            context = new(steps, n, enc_dim)
+            x = new(steps, n, emb_dim + enc_dim)  # LSTM input: [embedding, gated context]
+            alphas = (h0.new_zeros if shrink else h0.new_empty)(
+                steps, n, regions, dtype=torch.promote_types(dtype, torch.float32))
             w_ctx = w_x[:, emb_dim:]
             b_h = b_h.unsqueeze(1)
             masks = logits = None
@@ -227,53 +256,57 @@ class _Recurrence(torch.autograd.Function):
                 # (4H, T*N), column t*N + n: in the transposed layout of the step's gates (below)
                 x_gates = torch.mm(w_x[:, :emb_dim], x[:, :, :emb_dim].reshape(steps * n, emb_dim).t())
             else:
-                tokens = captions.new_empty(steps, n)
+                tokens = captions.new_zeros(steps, n)
                 tokens[0] = captions[:, 0]
-                logits = h0.new_empty(steps, n, fc_w.size(0))
+                logits = new(steps, n, fc_w.size(0))
                 if p_drop > 0:
-                    masks = h0.new_empty(steps, n, hid)
+                    masks = new(steps, n, hid)
             # Products are formed transposed, W @ x^T, and read back through transposed views: with a
             # few rows of x, CPU BLAS runs x @ W^T about twice as slow (the weight is read against
             # its layout).
             for t in range(steps):
-                z = torch.addmm(b_h, w_h, hs[t].t())  # (A + E + 4H, N)
+                r = run[t]  # rows [:r] run this step
+                if r == 0:  # every caption has ended: the rest stays placeholders
+                    break
+                z = torch.addmm(b_h, w_h, hs[t, :r].t())  # (A + E + 4H, r)
                 query, gate_in, z_gates = z.split([att_dim, enc_dim, 4 * hid])
-                queries[t] = query.t()  # contiguous: the broadcast add below is ~3x slower on a view
-                pre = torch.relu_(enc_proj + queries[t].unsqueeze(1))
-                scores = torch.addmv(b_full, pre.view(n * regions, att_dim), w_full).view(n, regions)
+                queries[t, :r] = query.t()  # contiguous: the broadcast add below is ~3x slower on a view
+                pre = torch.relu_(enc_proj[:r] + queries[t, :r].unsqueeze(1))
+                scores = torch.addmv(b_full, pre.view(r * regions, att_dim), w_full).view(r, regions)
                 alpha = torch.softmax(scores, dim=1, dtype=alphas.dtype)
-                alphas[t] = alpha
-                context[t] = torch.bmm(alpha.to(dtype).unsqueeze(1), feats).squeeze(1)
-                torch.sigmoid(gate_in.t(), out=gate[t])
-                torch.mul(gate[t], context[t], out=x[t, :, emb_dim:])
+                alphas[t, :r] = alpha
+                context[t, :r] = torch.bmm(alpha.to(dtype).unsqueeze(1), feats[:r]).squeeze(1)
+                torch.sigmoid(gate_in.t(), out=gate[t, :r])
+                torch.mul(gate[t, :r], context[t, :r], out=x[t, :r, emb_dim:])
                 if teacher:
-                    z_gates = z_gates + x_gates[:, t * n:(t + 1) * n]
-                    gates = torch.addmm(z_gates, w_ctx, x[t, :, emb_dim:].t()).t()
+                    z_gates = z_gates + x_gates[:, t * n:t * n + r]
+                    gates = torch.addmm(z_gates, w_ctx, x[t, :r, emb_dim:].t()).t()
                 else:
-                    x[t, :, :emb_dim] = emb_w[tokens[t]]
-                    gates = torch.addmm(z_gates, w_x, x[t].t()).t()
-                act = acts[t]
+                    x[t, :r, :emb_dim] = emb_w[tokens[t, :r]]
+                    gates = torch.addmm(z_gates, w_x, x[t, :r].t()).t()
+                act = acts[t, :r]
                 torch.sigmoid(gates, out=act)  # one call for all four; g's quarter is redone as tanh
                 torch.tanh(gates[:, 2 * hid:3 * hid], out=act[:, 2 * hid:3 * hid])
                 i, f, g, o = act.chunk(4, dim=1)
-                torch.addcmul(f * cs[t], i, g, out=cs[t + 1])
-                torch.mul(o, torch.tanh(cs[t + 1]), out=hs[t + 1])
+                torch.addcmul(f * cs[t, :r], i, g, out=cs[t + 1, :r])
+                torch.mul(o, torch.tanh(cs[t + 1, :r]), out=hs[t + 1, :r])
                 if teacher:
                     continue
-                h_out = hs[t + 1]
+                h_out = hs[t + 1, :r]
                 if masks is not None:
                     # the same draws as nn.Dropout on h (they depend on the shape only), kept as a mask
-                    masks[t] = F.dropout(torch.ones_like(h_out), p_drop)
-                    h_out = h_out * masks[t]
-                logits[t] = torch.addmm(fc_b.unsqueeze(1), fc_w, h_out.t()).t()
-                predicted = logits[t].argmax(dim=-1)
+                    masks[t, :r] = F.dropout(torch.ones_like(h_out), p_drop)
+                    h_out = h_out * masks[t, :r]
+                logits[t, :r] = torch.addmm(fc_b.unsqueeze(1), fc_w, h_out.t()).t()
+                predicted = logits[t, :r].argmax(dim=-1)
                 if tf_ratio <= 0.0:
                     token = predicted
                 else:  # drawn at every step, the last included, as the step-by-step loop always did
-                    use_truth = torch.rand(n, device=captions.device) < tf_ratio
-                    token = torch.where(use_truth, captions[:, t + 1], predicted)
+                    use_truth = torch.rand(r, device=captions.device) < tf_ratio
+                    token = torch.where(use_truth, captions[:r, t + 1], predicted)
                 if t + 1 < steps:
-                    tokens[t + 1] = token
+                    tokens[t + 1, :r] = token
+        ctx.active = active
         ctx.save_for_backward(feats, enc_proj, w_h, w_x, w_full, emb_w, fc_w, hs, cs, acts, queries,
                               gate, context, x, alphas, tokens, masks)
         out = hs[1:] if teacher else logits
@@ -290,6 +323,9 @@ class _Recurrence(torch.autograd.Function):
             regions, enc_dim, att_dim, emb_dim = feats.size(1), feats.size(2), queries.size(2), emb_w.size(1)
             dtype = hs.dtype
             rows = steps * n
+            shrink = ctx.active is not None
+            run = ctx.active if shrink else [n] * steps
+            new = hs.new_zeros if shrink else hs.new_empty
             grad_fc_w = grad_fc_b = None
             if fc_w is None:
                 dh_out = grad_out.transpose(0, 1).to(dtype)
@@ -303,63 +339,75 @@ class _Recurrence(torch.autograd.Function):
                     dh_out = dh_out * masks
             d_alpha_out = grad_alphas.transpose(0, 1).to(alphas.dtype)
             # gradients of z = [query, gate_in, gates] per step; weight gradients come from it at the end
-            dz = hs.new_empty(steps, n, att_dim + enc_dim + 4 * hid)
+            dz = new(steps, n, att_dim + enc_dim + 4 * hid)
             d_query, d_gate_in, d_gates = dz.split([att_dim, enc_dim, 4 * hid], dim=2)
-            d_context = context.new_empty(steps, n, enc_dim) if need[0] else None
+            d_context = new(steps, n, enc_dim) if need[0] else None
             # With r_t = relu'(enc_proj + query_t) (a 0/1 mask) and s_t = d_scores_t:
             #   d query_t = w_full * sum_p s_t r_t            (m_t below, times w_full)
             #   d enc_proj = w_full * sum_t s_t r_t          (acc below, times w_full at the end)
             #   d w_full = sum_{t,n,p} s_t r_t (enc_proj + query_t), which regroups into the sums
             #     of enc_proj * acc and query_t * m_t: no per-step pass over the relu output for it
-            d_scores = hs.new_empty(steps, n, regions)
-            m = hs.new_empty(steps, n, att_dim)
+            d_scores = new(steps, n, regions)
+            m = new(steps, n, att_dim)
             acc = torch.zeros_like(enc_proj)
             work = torch.empty_like(enc_proj)
             w_ctx = w_x[:, emb_dim:].contiguous()  # read at every step below: strided, ~1.6x slower
+            # the rows that have not started (backwards) keep zero gradients
             dh = torch.zeros_like(hs[0])
             dc = torch.zeros_like(cs[0])
             for t in reversed(range(steps)):
-                dh = dh + dh_out[t]
-                i, f, g, o = acts[t].chunk(4, dim=1)
-                tanh_c = torch.tanh(cs[t + 1])
-                dc = dc + dh * o * (1 - tanh_c * tanh_c)
-                di, df, dg, do = d_gates[t].chunk(4, dim=1)
-                torch.mul(dc * g, i * (1 - i), out=di)
-                torch.mul(dc * cs[t], f * (1 - f), out=df)
-                torch.mul(dc * i, 1 - g * g, out=dg)
-                torch.mul(dh * tanh_c, o * (1 - o), out=do)
-                dc = dc * f
-                d_x_ctx = d_gates[t] @ w_ctx  # gradient of the gated context
-                d_ctx = d_x_ctx * gate[t]
+                r = run[t]
+                if r == 0:
+                    continue
+                dh_t = dh[:r] + dh_out[t, :r]
+                i, f, g, o = acts[t, :r].chunk(4, dim=1)
+                tanh_c = torch.tanh(cs[t + 1, :r])
+                dc_t = dc[:r] + dh_t * o * (1 - tanh_c * tanh_c)
+                di, df, dg, do = d_gates[t, :r].chunk(4, dim=1)
+                torch.mul(dc_t * g, i * (1 - i), out=di)
+                torch.mul(dc_t * cs[t, :r], f * (1 - f), out=df)
+                torch.mul(dc_t * i, 1 - g * g, out=dg)
+                torch.mul(dh_t * tanh_c, o * (1 - o), out=do)
+                torch.mul(dc_t, f, out=dc[:r])
+                d_x_ctx = d_gates[t, :r] @ w_ctx  # gradient of the gated context
+                gate_t = gate[t, :r]
+                d_ctx = d_x_ctx * gate_t
                 if d_context is not None:
-                    d_context[t] = d_ctx
-                torch.mul(d_x_ctx * context[t], gate[t] * (1 - gate[t]), out=d_gate_in[t])
-                alpha = alphas[t]
+                    d_context[t, :r] = d_ctx
+                torch.mul(d_x_ctx * context[t, :r], gate_t * (1 - gate_t), out=d_gate_in[t, :r])
+                alpha = alphas[t, :r]
                 # as a row times feats^T: bmm runs this form ~3x faster than feats times a column
-                d_alpha = torch.bmm(d_ctx.unsqueeze(1), feats.transpose(1, 2)).squeeze(1).to(alpha.dtype)
-                d_alpha += d_alpha_out[t]
-                d_scores[t] = alpha * (d_alpha - (alpha * d_alpha).sum(1, keepdim=True))
+                d_alpha = torch.bmm(d_ctx.unsqueeze(1), feats[:r].transpose(1, 2)).squeeze(1).to(alpha.dtype)
+                d_alpha += d_alpha_out[t, :r]
+                d_scores[t, :r] = alpha * (d_alpha - (alpha * d_alpha).sum(1, keepdim=True))
                 # 0/1 in the float dtype (bmm needs one); in place, gt_ is far faster than a bool compare
-                relu_grad = torch.add(enc_proj, queries[t].unsqueeze(1), out=work).gt_(0)
-                torch.bmm(d_scores[t].unsqueeze(1), relu_grad, out=m[t].unsqueeze(1))
-                torch.mul(m[t], w_full, out=d_query[t])
-                acc.addcmul_(relu_grad, d_scores[t].unsqueeze(2))
-                dh = dz[t] @ w_h
+                relu_grad = torch.add(enc_proj[:r], queries[t, :r].unsqueeze(1), out=work[:r]).gt_(0)
+                torch.bmm(d_scores[t, :r].unsqueeze(1), relu_grad, out=m[t, :r].unsqueeze(1))
+                torch.mul(m[t, :r], w_full, out=d_query[t, :r])
+                acc[:r].addcmul_(relu_grad, d_scores[t, :r].unsqueeze(2))
+                torch.mm(dz[t, :r], w_h, out=dh[:r])
             d_w_full = (enc_proj * acc).sum((0, 1)) + (queries * m).sum((0, 1))
             d_b_full = d_scores.sum().view(1)
             d_enc = acc.mul_(w_full) if need[1] else None
-            d_w_h = dz.view(rows, -1).t() @ hs[:-1].reshape(rows, hid)
-            d_b_h = dz.view(rows, -1).sum(0)
-            d_gates = d_gates.reshape(rows, 4 * hid)  # a view: the slice keeps rows mergeable
-            d_w_x = d_gates.t() @ x.view(rows, -1)
+            # the weight gradients: one GEMM each over every (step, row) slot, or over the slots
+            # that ran when the shrinking left many empty
+            dz_rows, h_rows, x_rows = dz.view(rows, -1), hs[:-1].reshape(rows, hid), x.view(rows, -1)
+            tok_rows = tokens.reshape(-1)
+            if shrink and sum(run) < 0.9 * rows:
+                keep = torch.cat([torch.arange(t * n, t * n + r, device=dz.device) for t, r in enumerate(run)])
+                dz_rows, h_rows, x_rows, tok_rows = dz_rows[keep], h_rows[keep], x_rows[keep], tok_rows[keep]
+            d_w_h = dz_rows.t() @ h_rows
+            d_b_h = dz_rows.sum(0)
+            d_gates_rows = dz_rows[:, att_dim + enc_dim:]
+            d_w_x = d_gates_rows.t() @ x_rows
             d_emb = None
             if need[9]:
-                d_emb = torch.zeros_like(emb_w).index_add_(0, tokens.reshape(-1), d_gates @ w_x[:, :emb_dim])
+                d_emb = torch.zeros_like(emb_w).index_add_(0, tok_rows, d_gates_rows @ w_x[:, :emb_dim])
             d_feats = None
             if d_context is not None:  # context_t = alpha_t @ feats: all steps in one bmm
                 d_feats = torch.bmm(alphas.to(dtype).permute(1, 2, 0), d_context.transpose(0, 1))
         return (d_feats, d_enc, dh, dc, d_w_h, d_b_h, d_w_x, d_w_full, d_b_full, d_emb, grad_fc_w,
-                grad_fc_b, None, None, None, None)
+                grad_fc_b, None, None, None, None, None)
 
 
 def caption_loss(logits: torch.Tensor, targets: torch.Tensor, alphas: torch.Tensor,

@@ -41,7 +41,7 @@ class XEObjective(nn.Module):
             feats = self.model.features(batch.get("images"), batch.get("regions"))
         captions = batch["captions"]
         b, k, length = captions.shape
-        logits, alphas = self.model.decode_captions(feats, captions, tf_ratio)
+        logits, alphas = self.model.decode_captions(feats, captions, tf_ratio, batch["lengths"])
         targets = captions.reshape(b * k, length)[:, 1:]
         loss, ce, mask = caption_loss(logits, targets, alphas, batch["lengths"].reshape(-1), self.alpha_c)
         hits, tokens = topk_hits(logits.detach().float(), targets, mask, k=5)
@@ -130,11 +130,12 @@ class SCSTObjective(nn.Module):
                 per_image = reward.view(b, k)
                 base = ((per_image.sum(1, keepdim=True) - per_image) / (k - 1)).view(-1)
             captions = torch.cat([torch.full((b * k, 1), self.start, device=s.tokens.device), s.tokens], 1)
-            logits, _ = self.model.decode_captions(feats, captions.view(b, k, -1), 1.0)
+            mask = s.tokens != self.pad  # the words and the <end>, nothing after it
+            logits, _ = self.model.decode_captions(feats, captions.view(b, k, -1), 1.0,
+                                                   lengths=(mask.sum(1) + 1).view(b, k))
         finally:
             dec.dropout.train(dropout_was)
         logits = logits.float().masked_fill(self.banned, float("-inf"))  # as the sampler drew them
-        mask = s.tokens != self.pad  # the words and the <end>, nothing after it
         # <pad> after <end> has log p = -inf (never drawn): read <end>'s there, then mask it out
         logp = torch.log_softmax(logits, dim=-1).gather(2, s.tokens.masked_fill(~mask, self.end).unsqueeze(2))
         logp = logp.squeeze(2).masked_fill(~mask, 0.0)
