@@ -110,7 +110,9 @@ class Decoder(nn.Module):
             if sorted_steps[-1] < captions.size(1) - 1:  # else every caption runs every step
                 if any(a != b for a, b in zip(order.tolist(), range(len(sorted_steps)))):
                     restore = torch.argsort(order)
-                    feats, enc_proj, captions = feats[order], enc_proj[order], captions[order]
+                    feats = _PermuteRows.apply(feats, order, restore)
+                    enc_proj = _PermuteRows.apply(enc_proj, order, restore)
+                    captions = captions[order]
                 # active[t]: captions still running at step t (a prefix, as they are sorted)
                 ends = torch.bincount(steps, minlength=captions.size(1)).tolist()
                 active, running = [], len(sorted_steps)
@@ -136,7 +138,7 @@ class Decoder(nn.Module):
         if teacher:
             out = self.logits(out)  # one projection over all steps
         if restore is not None:
-            out, alphas = out[restore], alphas[restore]
+            out, alphas = _PermuteRows.apply(out, restore, order), _PermuteRows.apply(alphas, restore, order)
         return out, alphas
 
 
@@ -199,6 +201,21 @@ def _autocast_off(device_type: str):
     without memory, has none)."""
     available = getattr(torch.amp, "is_autocast_available", lambda d: d in ("cpu", "cuda"))
     return torch.autocast(device_type, enabled=False) if available(device_type) else contextlib.nullcontext()
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``x[order]`` for a permutation ``order`` whose inverse is ``inverse``: the gradient is
+    ``grad[inverse]``, a gather, where indexing's generic backward scatters with accumulation
+    (several times slower on a CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse):
+        ctx.inverse = inverse
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.index_select(0, ctx.inverse), None, None
 
 
 class _Recurrence(torch.autograd.Function):
