@@ -87,6 +87,25 @@ def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_run(tiny_data, tmp_
     assert not list((run / "checkpoints").glob(".*.tmp*"))  # no half-written checkpoint left behind
 
 
+def test_a_fresh_run_in_a_reused_dir_keeps_nothing_of_the_old_one(tiny_data, tmp_path):
+    """run.overwrite=true (or a first attempt killed before its first checkpoint, then started
+    again): the new run's records, checkpoints and event files are its own, never appended to."""
+    run = tmp_path / "reused"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "tensorboard").mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "step": 99, "train_loss": 9.9}) + "\n")
+    (run / "checkpoints" / "best.pt").write_bytes(b"stale")
+    (run / "tensorboard" / "events.out.tfevents.1.stale").write_bytes(b"stale")
+    subprocess.run(train_cmd(tiny_data, tmp_path, "reused", "train.epochs=1", "log.tensorboard=true"), env=ENV,
+                   check=True, capture_output=True, timeout=300)
+    recs = records(run)
+    assert [(r["epoch"], r["step"]) for r in recs] == [(1, recs[0]["step"])] and recs[0]["step"] != 99
+    assert (run / "checkpoints" / "best.pt").read_bytes() != b"stale"
+    assert torch.load(run / "checkpoints" / "best.pt", weights_only=False)["step"] == recs[0]["step"]
+    assert not (run / "tensorboard" / "events.out.tfevents.1.stale").exists()
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
 def test_sigterm_saves_last_pt_and_exits_zero(tiny_data, tmp_path):
     """A scheduler's pre-emption: SIGTERM during an epoch ends the run within seconds, exit 0,
     with last.pt saved where it stood; --resume ends where an uninterrupted run ends."""

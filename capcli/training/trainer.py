@@ -143,6 +143,8 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
             if self.ckpt is not None:
                 self._rewind_run_files()
+            else:
+                self._clear_run_files()
             self._setup_tensorboard()
         if d.world > 1:
             torch.distributed.barrier()
@@ -252,6 +254,15 @@ class Trainer:
             path.write_text("".join(kept))
         for tmp in (self.run_dir / "checkpoints").glob(".*.tmp*"):
             tmp.unlink(missing_ok=True)
+
+    def _clear_run_files(self) -> None:
+        """A fresh run in a reused dir (``run.overwrite``, or a first attempt killed before its
+        first checkpoint) starts with no records, checkpoints or event files of the old one:
+        appended to, they would mix two runs."""
+        (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        for old in (*(self.run_dir / "checkpoints").glob("*.pt"), *(self.run_dir / "checkpoints").glob(".*.tmp*"),
+                    *(self.run_dir / "tensorboard").glob("events.out.tfevents.*")):
+            old.unlink(missing_ok=True)
 
     def _frozen_at(self, epoch: int) -> bool:
         return not self.cfg.model.finetune or epoch < self.cfg.train.finetune_after
