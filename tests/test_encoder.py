@@ -65,3 +65,27 @@ def test_frozen_encoder_gives_no_backbone_gradient():
     out.sum().backward()
     assert all(p.grad is None for p in enc.backbone.parameters())
     assert enc.feature_norm.weight.grad is not None
+
+
+@pytest.mark.parametrize("finetune", [False, True])
+def test_cpu_inference_in_chunks_gives_the_whole_batchs_features(finetune):
+    """Without gradients a CPU encodes CPU_CHUNK images per backbone call: the same features as one
+    call over the batch, whatever the remainder; with gradients (fine-tuning) one call."""
+    torch.manual_seed(0)
+    enc = Encoder("convnext_atto", pretrained=False, grid=2, finetune=finetune).eval()
+    images = torch.randint(0, 256, (2 * Encoder.CPU_CHUNK + 1, 3, 32, 32), dtype=torch.uint8)
+    calls = []
+    hook = enc.backbone.stem.register_forward_hook(lambda m, i, o: calls.append(i[0].size(0)))
+    with torch.no_grad():
+        chunked = enc(images)
+    with torch.no_grad():
+        enc.CPU_CHUNK = len(images)
+        whole = enc(images)
+    hook.remove()
+    assert calls == [Encoder.CPU_CHUNK, Encoder.CPU_CHUNK, 1, len(images)]
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    if finetune:  # with gradients: one call, and the backbone gets its gradient
+        calls.clear()
+        enc.train()
+        enc(images).sum().backward()
+        assert any(p.grad is not None for p in enc.backbone.parameters())

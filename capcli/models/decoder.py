@@ -135,8 +135,15 @@ class Decoder(nn.Module):
             lstm.weight_ih.to(dtype), att.full_att.weight.view(-1).to(dtype), att.full_att.bias.to(dtype),
             self.embedding.weight.to(dtype), fc_w, fc_b, captions, float(tf_ratio),
             self.dropout.p if self.dropout.training else 0.0, feats.dtype, active)
-        if teacher:
-            out = self.logits(out)  # one projection over all steps
+        if teacher:  # one projection over all steps (that ran)
+            if active is None:
+                out = self.logits(out)
+            else:  # the placeholders stay zeros
+                n, steps, hid = out.shape
+                ran = torch.arange(n, device=out.device).unsqueeze(1) < torch.tensor(active, device=out.device)
+                rows = ran.view(-1).nonzero().squeeze(1)
+                packed = self.logits(out.reshape(n * steps, hid).index_select(0, rows))
+                out = packed.new_zeros(n * steps, packed.size(1)).index_copy(0, rows, packed).view(n, steps, -1)
         if restore is not None:
             out, alphas = _PermuteRows.apply(out, restore, order), _PermuteRows.apply(alphas, restore, order)
         return out, alphas
@@ -270,8 +277,14 @@ class _Recurrence(torch.autograd.Function):
             if teacher:
                 tokens = captions[:, :-1].t()
                 x[:, :, :emb_dim] = emb_w[tokens]
-                # (4H, T*N), column t*N + n: in the transposed layout of the step's gates (below)
-                x_gates = torch.mm(w_x[:, :emb_dim], x[:, :, :emb_dim].reshape(steps * n, emb_dim).t())
+                # (4H, columns) in the transposed layout of the step's gates (below): step t's rows
+                # are the columns first[t] .. first[t] + run[t]; only the steps that run are formed
+                first = [t * n for t in range(steps)]
+                emb_in = x[:, :, :emb_dim].reshape(steps * n, emb_dim)
+                if shrink:
+                    first = [sum(run[:t]) for t in range(steps)]
+                    emb_in = torch.cat([x[t, :r, :emb_dim] for t, r in enumerate(run) if r])
+                x_gates = torch.mm(w_x[:, :emb_dim], emb_in.t())
             else:
                 tokens = captions.new_zeros(steps, n)
                 tokens[0] = captions[:, 0]
@@ -296,7 +309,7 @@ class _Recurrence(torch.autograd.Function):
                 torch.sigmoid(gate_in.t(), out=gate[t, :r])
                 torch.mul(gate[t, :r], context[t, :r], out=x[t, :r, emb_dim:])
                 if teacher:
-                    z_gates = z_gates + x_gates[:, t * n:t * n + r]
+                    z_gates = z_gates + x_gates[:, first[t]:first[t] + r]
                     gates = torch.addmm(z_gates, w_ctx, x[t, :r, emb_dim:].t()).t()
                 else:
                     x[t, :r, :emb_dim] = emb_w[tokens[t, :r]]

@@ -150,12 +150,25 @@ class Encoder(nn.Module):
         x = (x - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
+    # Images per backbone call when a CPU encodes without gradients (caches, evaluation,
+    # captioning): a few images' activations stay in the core's cache, where a whole batch's go
+    # to memory. On a 2-core Xeon, chunks of 4 ran 1.1-1.5x faster per image than batches of 32
+    # (tf_efficientnet_lite0, convnext_atto/tiny, resnet50); single images starve the GEMMs.
+    CPU_CHUNK = 8
+
     def regions(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's pooled region features (B, P, C), before the feature norm: what a
         frozen encoder's feature cache stores."""
         x = self.normalize(images)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.finetune):
-            feats = self.backbone.forward_features(x)
+        grad = torch.is_grad_enabled() and self.finetune
+        with torch.set_grad_enabled(grad):
+            if not grad and x.device.type == "cpu" and x.size(0) > self.CPU_CHUNK:
+                return torch.cat([self._pooled(self.backbone.forward_features(chunk))
+                                  for chunk in x.split(self.CPU_CHUNK)])
+            return self._pooled(self.backbone.forward_features(x))
+
+    def _pooled(self, feats: torch.Tensor) -> torch.Tensor:
+        """``forward_features`` output -> (B, P, C) region features."""
         if feats.dim() == 4:  # (B, C, H, W): convnets
             if self.grid:
                 feats = F.adaptive_avg_pool2d(feats, self.grid)
