@@ -89,3 +89,49 @@ def test_cpu_inference_in_chunks_gives_the_whole_batchs_features(finetune):
         enc.train()
         enc(images).sum().backward()
         assert any(p.grad is not None for p in enc.backbone.parameters())
+
+
+def test_depthwise_convolutions_give_torchs_gradients():
+    """The depthwise convolutions (switched to DepthwiseConv2d, with a hand-written weight gradient
+    on maps no larger than the kernel) give the gradients of torch's own convolution."""
+    from torch import nn
+
+    from capcli.models.depthwise import DepthwiseConv2d
+
+    torch.manual_seed(0)
+    enc = Encoder("convnext_atto", pretrained=False, grid=1, finetune=True)
+    dw = [m for m in enc.backbone.modules() if isinstance(m, DepthwiseConv2d)]
+    assert len(dw) == 2 + 2 + 6 + 2  # every block's conv_dw
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)  # the last stages' maps: 4x4, 2x2
+    enc(images).square().sum().backward()
+    fast = {n: p.grad.clone() for n, p in enc.backbone.named_parameters() if p.grad is not None}
+    for m in dw:
+        m.__class__ = nn.Conv2d
+    enc.backbone.zero_grad()
+    enc(images).square().sum().backward()
+    ref = {n: p.grad for n, p in enc.backbone.named_parameters() if p.grad is not None}
+    assert fast.keys() == ref.keys() and any("conv_dw" in n for n in ref)
+    for n in ref:
+        torch.testing.assert_close(fast[n], ref[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("shape", [(3, 24, 7, 5), (2, 8, 4, 3), (2, 8, 12, 12)])  # shifted, shifted, torch's
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_depthwise_backward_equals_torchs_in_double_precision(shape, channels_last):
+    import torch.nn.functional as F
+
+    from capcli.models.depthwise import _Depthwise
+
+    torch.manual_seed(0)
+    b, c, h, w = shape
+    x = torch.randn(shape, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(c, 1, 7, 5, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
+    for t in (x, weight, bias):
+        t.requires_grad_()
+    grad = torch.randn(b, c, h, w, dtype=torch.float64)
+    ref = torch.autograd.grad(F.conv2d(x, weight, bias, 1, (3, 2), 1, c), (x, weight, bias), grad)
+    got = torch.autograd.grad(_Depthwise.apply(x, weight, bias, (3, 2)), (x, weight, bias), grad)
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from capcli.errors import UserError
+from capcli.models.depthwise import speed_up_depthwise
 
 
 def check_encoder_names(names: list[str]) -> None:
@@ -85,6 +86,7 @@ class Encoder(nn.Module):
 
         self.name = name
         self.backbone = _create_backbone(name, pretrained)
+        speed_up_depthwise(self.backbone)  # a faster weight gradient on small maps (CPU, fine-tuning)
         data_cfg = resolve_model_data_config(self.backbone)
         self.register_buffer("mean", torch.tensor(data_cfg["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(data_cfg["std"]).view(1, 3, 1, 1), persistent=False)
