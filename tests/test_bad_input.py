@@ -466,34 +466,21 @@ def csv_captions_empty_or_only_punctuation(ctx):
 
 # ========================================================================================== configs
 
-@case(Fails("unknown config key 'train.lrr'", "Did you mean 'train.lr'"))
-def config_unknown_key(ctx):
-    return train_args(ctx, "train.lrr=1e-3")
+# one `key=value` override each: (row name, override, expected failure)
+for _name, _override, _expect in (
+    ("config_unknown_key", "train.lrr=1e-3", Fails("unknown config key 'train.lrr'", "Did you mean 'train.lr'")),
+    ("config_wrong_type", "train.epochs=many", Fails("train.epochs", "expected int", "'many'")),
+    ("config_negative_learning_rate", "train.lr=-1e-3", Fails("train.lr must be positive", "-0.001")),
+    ("config_beam_of_zero", "train.val_beam=0", Fails("train.val_beam must be at least 1")),
+    ("config_ratio_out_of_range", "train.teacher_forcing=1.5", Fails("train.teacher_forcing", "[0, 1]", "1.5")),
+    ("config_unknown_encoder", "model.encoder=convnext_attto",
+     Fails("unknown encoder 'convnext_attto'", "Did you mean", "convnext_atto")),
+):
+    def _setup(ctx, _override=_override):
+        return train_args(ctx, _override)
 
-
-@case(Fails("train.epochs", "expected int", "'many'"))
-def config_wrong_type(ctx):
-    return train_args(ctx, "train.epochs=many")
-
-
-@case(Fails("train.lr must be positive", "-0.001"))
-def config_negative_learning_rate(ctx):
-    return train_args(ctx, "train.lr=-1e-3")
-
-
-@case(Fails("train.val_beam must be at least 1"))
-def config_beam_of_zero(ctx):
-    return train_args(ctx, "train.val_beam=0")
-
-
-@case(Fails("train.teacher_forcing", "[0, 1]", "1.5"))
-def config_ratio_out_of_range(ctx):
-    return train_args(ctx, "train.teacher_forcing=1.5")
-
-
-@case(Fails("unknown encoder 'convnext_attto'", "Did you mean", "convnext_atto"))
-def config_unknown_encoder(ctx):
-    return train_args(ctx, "model.encoder=convnext_attto")
+    _setup.__name__ = _name
+    case(_expect)(_setup)
 
 
 @case(Fails("bad.yaml", "mapping"))

@@ -13,6 +13,7 @@ fused code must agree with.
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -103,22 +104,20 @@ class Decoder(nn.Module):
         if enc_proj is None:
             enc_proj = self.attention.project(feats)
         active = restore = None
+        steps_max = captions.size(1) - 1
         if lengths is not None:
-            steps = (lengths.reshape(-1) - 1).clamp(1, captions.size(1) - 1)
-            order = torch.argsort(steps, descending=True, stable=True)
-            sorted_steps = steps[order].tolist()
-            if sorted_steps[-1] < captions.size(1) - 1:  # else every caption runs every step
-                if any(a != b for a, b in zip(order.tolist(), range(len(sorted_steps)))):
+            steps = (lengths.reshape(-1) - 1).clamp(1, steps_max)
+            # active[t]: captions still running at step t, a prefix of them once sorted longest first
+            active = (steps.numel() - torch.bincount(steps, minlength=steps_max + 1)[:steps_max].cumsum(0)).tolist()
+            if active[-1] == steps.numel():  # every caption runs every step
+                active = None
+            else:
+                order = torch.argsort(steps, descending=True, stable=True)
+                if not bool((order[1:] > order[:-1]).all()):  # not already sorted
                     restore = torch.argsort(order)
                     feats = _PermuteRows.apply(feats, order, restore)
                     enc_proj = _PermuteRows.apply(enc_proj, order, restore)
                     captions = captions[order]
-                # active[t]: captions still running at step t (a prefix, as they are sorted)
-                ends = torch.bincount(steps, minlength=captions.size(1)).tolist()
-                active, running = [], len(sorted_steps)
-                for t in range(captions.size(1) - 1):
-                    running -= ends[t]
-                    active.append(running)
         h, c = self.init_state(feats)
         # A Linear's output has the dtype matmuls run in (autocast's when it is on, else the
         # parameters'): the recurrence runs with autocast off and every operand cast to it.
@@ -140,8 +139,7 @@ class Decoder(nn.Module):
                 out = self.logits(out)
             else:  # the placeholders stay zeros
                 n, steps, hid = out.shape
-                ran = torch.arange(n, device=out.device).unsqueeze(1) < torch.tensor(active, device=out.device)
-                rows = ran.view(-1).nonzero().squeeze(1)
+                rows = _slots_that_ran(active, n, out.device).t().reshape(-1).nonzero().squeeze(1)
                 packed = self.logits(out.reshape(n * steps, hid).index_select(0, rows))
                 out = packed.new_zeros(n * steps, packed.size(1)).index_copy(0, rows, packed).view(n, steps, -1)
         if restore is not None:
@@ -208,6 +206,11 @@ def _autocast_off(device_type: str):
     without memory, has none)."""
     available = getattr(torch.amp, "is_autocast_available", lambda d: d in ("cpu", "cuda"))
     return torch.autocast(device_type, enabled=False) if available(device_type) else contextlib.nullcontext()
+
+
+def _slots_that_ran(active: list[int], rows: int, device) -> torch.Tensor:
+    """(T, rows) bool, time-major: row n ran step t (n < active[t], rows sorted longest first)."""
+    return torch.arange(rows, device=device) < torch.tensor(active, device=device).unsqueeze(1)
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -279,11 +282,12 @@ class _Recurrence(torch.autograd.Function):
                 x[:, :, :emb_dim] = emb_w[tokens]
                 # (4H, columns) in the transposed layout of the step's gates (below): step t's rows
                 # are the columns first[t] .. first[t] + run[t]; only the steps that run are formed
-                first = [t * n for t in range(steps)]
-                emb_in = x[:, :, :emb_dim].reshape(steps * n, emb_dim)
                 if shrink:
-                    first = [sum(run[:t]) for t in range(steps)]
-                    emb_in = torch.cat([x[t, :r, :emb_dim] for t, r in enumerate(run) if r])
+                    first = [0, *itertools.accumulate(run)]
+                    emb_in = x[:, :, :emb_dim][_slots_that_ran(run, n, x.device)]  # (sum(run), E), t-major
+                else:
+                    first = [t * n for t in range(steps)]
+                    emb_in = x[:, :, :emb_dim].reshape(steps * n, emb_dim)
                 x_gates = torch.mm(w_x[:, :emb_dim], emb_in.t())
             else:
                 tokens = captions.new_zeros(steps, n)
@@ -424,7 +428,7 @@ class _Recurrence(torch.autograd.Function):
             dz_rows, h_rows, x_rows = dz.view(rows, -1), hs[:-1].reshape(rows, hid), x.view(rows, -1)
             tok_rows = tokens.reshape(-1)
             if shrink and sum(run) < 0.9 * rows:
-                keep = torch.cat([torch.arange(t * n, t * n + r, device=dz.device) for t, r in enumerate(run)])
+                keep = _slots_that_ran(run, n, dz.device).view(-1).nonzero().squeeze(1)
                 dz_rows, h_rows, x_rows, tok_rows = dz_rows[keep], h_rows[keep], x_rows[keep], tok_rows[keep]
             d_w_h = dz_rows.t() @ h_rows
             d_b_h = dz_rows.sum(0)
