@@ -41,10 +41,12 @@ def beam_search(decoder: Decoder, feats: torch.Tensor, *, start: int, end: int, 
     k = beam_size
     v = decoder.vocab_size
     device = feats.device
-    proj = decoder.attention.project(feats).repeat_interleave(k, dim=0)
+    step = _stepper(decoder, b * k, max_length + 1)
+    proj = decoder.attention.project(feats)
     h, c = decoder.init_state(feats)
     h, c = h.repeat_interleave(k, dim=0), c.repeat_interleave(k, dim=0)
-    feats_k = feats.repeat_interleave(k, dim=0)
+    if not getattr(step, "grouped", False):  # a plain step wants the features once per beam
+        feats, proj = feats.repeat_interleave(k, dim=0), proj.repeat_interleave(k, dim=0)
 
     scores = torch.zeros(b, k, device=device)
     scores[:, 1:] = float("-inf")  # all beams start identical: expand the first one only
@@ -57,10 +59,9 @@ def beam_search(decoder: Decoder, feats: torch.Tensor, *, start: int, end: int, 
     cut[end] = 0.0  # at the length limit an open beam is closed, at no cost (truncation)
     tokens = torch.full((b * k,), start, dtype=torch.long, device=device)
     offsets = (torch.arange(b, device=device) * k).unsqueeze(1)
-    step = _stepper(decoder, b * k, max_length + 1)
 
     for t in range(max_length + 1):
-        h, c, alpha = step(tokens, feats_k, proj, h, c)
+        h, c, alpha = step(tokens, feats, proj, h, c)
         if t == max_length:
             logp = cut.expand(b, k, v)
         else:

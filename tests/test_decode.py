@@ -123,6 +123,24 @@ def test_real_decoder_beam_one_equals_greedy_argmax_loop():
     assert res.tokens == outs
 
 
+@pytest.mark.parametrize("beam", [1, 4])
+def test_real_decoder_fused_beam_search_equals_the_plain_step(beam, monkeypatch):
+    """The fused step reads each image's features once for all its beams (a CPU: in blocks of
+    images); the plain per-row step reads them repeated per beam. Same captions, same scores."""
+    from capcli.models.decoder import Decoder, InferenceStep
+
+    torch.manual_seed(1)
+    dec = Decoder(vocab_size=30, enc_dim=8, emb_dim=8, att_dim=8, dec_dim=8, dropout=0.0).double().eval()
+    feats = torch.randn(5, 4, 8, dtype=torch.float64)
+    monkeypatch.setattr(InferenceStep, "CPU_BLOCK_BYTES", 1)  # one image per block
+    fused = beam_search(dec, feats, start=START, end=END, pad=PAD, beam_size=beam, max_length=7, return_alphas=True)
+    monkeypatch.setattr(Decoder, "stepper", None)  # decode.py falls back to Decoder.step
+    plain = beam_search(dec, feats, start=START, end=END, pad=PAD, beam_size=beam, max_length=7, return_alphas=True)
+    assert fused.tokens == plain.tokens
+    torch.testing.assert_close(fused.scores, plain.scores, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fused.alphas, plain.alphas, rtol=1e-10, atol=1e-12)
+
+
 def repeats_an_ngram(seq, n):
     grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
     return len(grams) != len(set(grams))

@@ -258,6 +258,33 @@ def test_inference_step_equals_step(use_table):
             torch.testing.assert_close(y, x, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("block_bytes", [1, 1 << 40], ids=["cpu-blocks-of-one-image", "one-pass"])
+def test_grouped_inference_step_equals_step_on_repeated_features(block_bytes, monkeypatch):
+    """Beam search's rows: k rows of h per image, the image's features given once. The attention
+    MLP formed image block by image block in one reused buffer (a CPU) or in one pass (else)
+    equals the plain step over features repeated per row."""
+    from capcli.models.decoder import InferenceStep
+
+    monkeypatch.setattr(InferenceStep, "CPU_BLOCK_BYTES", block_bytes)
+    torch.manual_seed(4)
+    dec = Decoder(vocab_size=40, enc_dim=16, emb_dim=8, att_dim=12, dec_dim=10).double().eval()
+    images, k = 3, 4
+    feats = torch.randn(images, 9, 16, dtype=torch.float64)
+    proj = dec.attention.project(feats)
+    feats_k, proj_k = feats.repeat_interleave(k, 0), proj.repeat_interleave(k, 0)
+    h, c = (torch.randn(images * k, 10, dtype=torch.float64) for _ in range(2))
+    fast = InferenceStep(dec)
+    h2, c2 = h, c
+    for t in range(3):
+        tokens = torch.randint(4, 40, (images * k,))
+        h, c, a = dec.step(tokens, feats_k, proj_k, h, c)
+        h2, c2, a2 = fast(tokens, feats, proj, h2, c2)
+        for x, y in ((h, h2), (c, c2), (a, a2)):
+            torch.testing.assert_close(y, x, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="do not split evenly"):
+        fast(tokens[:5], feats, proj, h[:5], c[:5])
+
+
 def test_gate_table_is_held_only_while_the_weights_are_frozen():
     torch.manual_seed(0)
     dec = Decoder(vocab_size=30, enc_dim=8, emb_dim=6, att_dim=8, dec_dim=5).eval()
