@@ -53,7 +53,7 @@ def _collate(items: list[dict]) -> dict:
 
 
 def caption_batches(captioner, files: list[Path], *, beam_size: int = 3, max_length: int | None = None,
-                    block_ngrams: int = 0, sample: dict | None = None, batch_size: int = 16,
+                    block_ngrams: int = 0, sample: dict | None = None, batch_size: int = 32,
                     num_workers: int = 0, attention_dir: Path | None = None) -> Iterator[list[dict]]:
     """Rows for ``files``, a batch at a time, in input order (see the module doc)."""
     loader = DataLoader(ImageFiles(files, captioner.image_size, captioner.resize), batch_size=batch_size,

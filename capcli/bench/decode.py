@@ -30,7 +30,7 @@ RANDOM_NOTE = ("random weights: the decoder rarely emits <end>, so most captions
 
 def bench_decode(encoder: str | None = None, *, beam: int = 3, images: int = 64, max_length: int = 20,
                  vocab: int = 1000, image_size: int | None = None, device: torch.device | str = "cpu",
-                 checkpoint: str | Path | None = None, batch: int = 16, warmup: int = 1, amp="auto",
+                 checkpoint: str | Path | None = None, batch: int = 32, warmup: int = 1, amp="auto",
                  grid: int = 7, progress: ProgressFn | None = None) -> dict:
     """Captioning throughput: ``images`` random images, ``batch`` at a time, encoder + beam search.
 

@@ -18,7 +18,7 @@ def caption(
     paths: Annotated[List[str], typer.Argument(help="Image files, folders (recursive) or glob patterns.")],
     beam: Annotated[int, typer.Option("--beam", min=1, max=50, help="Beam size (1 = greedy).")] = 3,
     max_length: Annotated[Optional[int], typer.Option("--max-length", min=1, help="Longest caption in words (default: the model's).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images captioned at once.")] = 16,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images captioned at once.")] = 32,
     workers: Annotated[Optional[int], typer.Option("--workers", min=0, help="Image-decoding worker processes (default: what this process's CPUs allow).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write captions to .jsonl (streamed as made), .json or .csv.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a stopped run: skip the files --output already has.")] = False,
