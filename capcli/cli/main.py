@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from capcli import __version__
+from capcli.allocator import keep_freed_memory
 from capcli.cli import benchmark, caption, evaluate, prepare, quickstart, train
 from capcli.cli import export
 
@@ -40,4 +41,5 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def main() -> None:
+    keep_freed_memory()  # reuse freed activation memory instead of page-faulting it back in
     app()
