@@ -57,6 +57,7 @@ def beam_search(decoder: Decoder, feats: torch.Tensor, *, start: int, end: int, 
     frozen[pad] = 0.0  # a finished beam may only add <pad>, at no cost
     cut = torch.full((v,), float("-inf"), device=device)
     cut[end] = 0.0  # at the length limit an open beam is closed, at no cost (truncation)
+    banned = torch.tensor([pad, start], device=device)  # never emitted by an open caption
     tokens = torch.full((b * k,), start, dtype=torch.long, device=device)
     offsets = (torch.arange(b, device=device) * k).unsqueeze(1)
 
@@ -65,8 +66,9 @@ def beam_search(decoder: Decoder, feats: torch.Tensor, *, start: int, end: int, 
         if t == max_length:
             logp = cut.expand(b, k, v)
         else:
-            logits = decoder.logits(h).float()
-            logits[:, [pad, start]] = float("-inf")  # an open caption never emits <pad>/<start>
+            # index_fill_ with an index already on the device: a list index would be copied from
+            # host memory at every step (a synchronising copy on a GPU)
+            logits = decoder.logits(h).float().index_fill_(1, banned, float("-inf"))
             logp = torch.log_softmax(logits, dim=-1)
             if block_ngrams and seqs.size(2) >= block_ngrams:
                 logp = logp.masked_fill(repeated_ngram(seqs.view(b * k, -1), block_ngrams, v), float("-inf"))
@@ -156,12 +158,12 @@ def sample(decoder: Decoder, feats: torch.Tensor, *, start: int, end: int, pad: 
     h, c = decoder.init_state(feats)
     token = torch.full((n,), start, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
+    banned = torch.tensor([pad, start], device=device)  # never drawn
     out = []
     step = _stepper(decoder, n, max_length)
     for _ in range(max_length):
         h, c, _ = step(token, feats, proj, h, c)
-        logits = decoder.logits(h).float()
-        logits[:, [pad, start]] = float("-inf")
+        logits = decoder.logits(h).float().index_fill_(1, banned, float("-inf"))
         logits = logits / temperature
         if top_k and top_k < logits.size(1):
             kth = logits.topk(top_k, dim=1).values[:, -1:]
