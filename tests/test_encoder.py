@@ -69,8 +69,9 @@ def test_frozen_encoder_gives_no_backbone_gradient():
 
 @pytest.mark.parametrize("finetune", [False, True])
 def test_cpu_inference_in_chunks_gives_the_whole_batchs_features(finetune):
-    """Without gradients a CPU encodes CPU_CHUNK images per backbone call: the same features as one
-    call over the batch, whatever the remainder; with gradients (fine-tuning) one call."""
+    """Without gradients a CPU encodes CPU_CHUNK images per backbone call (tiny images: far under
+    the byte budget): the same features as one call over the batch, whatever the remainder; with
+    gradients (fine-tuning) one call."""
     torch.manual_seed(0)
     enc = Encoder("convnext_atto", pretrained=False, grid=2, finetune=finetune).eval()
     images = torch.randint(0, 256, (2 * Encoder.CPU_CHUNK + 1, 3, 32, 32), dtype=torch.uint8)
@@ -81,14 +82,43 @@ def test_cpu_inference_in_chunks_gives_the_whole_batchs_features(finetune):
     with torch.no_grad():
         enc.CPU_CHUNK = len(images)
         whole = enc(images)
-    hook.remove()
-    assert calls == [Encoder.CPU_CHUNK, Encoder.CPU_CHUNK, 1, len(images)]
+    # each setting first runs one image to size its chunks (cpu_chunk), then the chunks
+    assert calls == [1, Encoder.CPU_CHUNK, Encoder.CPU_CHUNK, 1, 1, len(images)]
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
     if finetune:  # with gradients: one call, and the backbone gets its gradient
         calls.clear()
         enc.train()
         enc(images).sum().backward()
         assert any(p.grad is not None for p in enc.backbone.parameters())
+        with torch.no_grad():  # train mode (batch statistics, drop-path) never splits the batch
+            enc(images)
+        assert calls == [len(images), len(images)]
+    hook.remove()
+
+
+def test_cpu_chunks_keep_the_largest_activation_under_the_byte_budget():
+    """The chunk holds as many images as keep its largest activation (any module's output) under
+    CPU_CHUNK_BYTES, at most CPU_CHUNK, at least one; found once per input shape."""
+    torch.manual_seed(0)
+    enc = Encoder("convnext_atto", pretrained=False, grid=2, finetune=False).eval()
+    x = torch.randn(20, 3, 64, 64)
+    # convnext_atto at 64 px: its largest output per image is the first stage's MLP, 160 x 16 x 16 floats
+    per_image = 160 * 16 * 16 * 4
+    enc.CPU_CHUNK_BYTES = 3 * per_image + 100
+    assert enc.cpu_chunk(x) == 3
+    enc.CPU_CHUNK_BYTES = per_image - 1
+    assert enc.cpu_chunk(x) == 1
+    enc.CPU_CHUNK_BYTES = 100 * per_image
+    assert enc.cpu_chunk(x) == Encoder.CPU_CHUNK
+    calls = []
+    hook = enc.backbone.stem.register_forward_hook(lambda m, i, o: calls.append(i[0].size(0)))
+    enc.CPU_CHUNK_BYTES = 3 * per_image + 100
+    with torch.no_grad():
+        enc.regions(x)
+        enc.regions(x)  # the chunk size is remembered: no second probe
+    hook.remove()
+    assert calls == [3] * 6 + [2] + [3] * 6 + [2]
+    assert not any(m._forward_hooks for m in enc.backbone.modules())  # the probe's hooks are gone
 
 
 def test_depthwise_convolutions_give_torchs_gradients():

@@ -153,10 +153,15 @@ class Encoder(nn.Module):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     # Images per backbone call when a CPU encodes without gradients (caches, evaluation,
-    # captioning): a few images' activations stay in the core's cache, where a whole batch's go
-    # to memory. On a 2-core Xeon, chunks of 4 ran 1.1-1.5x faster per image than batches of 32
-    # (tf_efficientnet_lite0, convnext_atto/tiny, resnet50); single images starve the GEMMs.
+    # captioning): a few images' activations stay near the cores, where a whole batch's go to
+    # memory; single images starve the GEMMs. At most CPU_CHUNK images, and no more than keep the
+    # chunk's largest activation under CPU_CHUNK_BYTES: glibc serves bigger blocks with fresh
+    # mmaps however it is tuned (capcli.allocator), page-faulted in at every layer. On a 2-core
+    # Xeon: convnext_atto at 224 px 9.1 ms an image in chunks of 8 (2 MB an image at most) against
+    # 12.3 in pairs; tf_efficientnet_lite0 at 256 px (6.3 MB an image) 17.5 ms in chunks of 4
+    # against 21.8 in chunks of 8 and 23.8 in pairs.
     CPU_CHUNK = 8
+    CPU_CHUNK_BYTES = 28 << 20
 
     def regions(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's pooled region features (B, P, C), before the feature norm: what a
@@ -164,10 +169,39 @@ class Encoder(nn.Module):
         x = self.normalize(images)
         grad = torch.is_grad_enabled() and self.finetune
         with torch.set_grad_enabled(grad):
-            if not grad and x.device.type == "cpu" and x.size(0) > self.CPU_CHUNK:
-                return torch.cat([self._pooled(self.backbone.forward_features(chunk))
-                                  for chunk in x.split(self.CPU_CHUNK)])
+            # eval mode only: in train mode BatchNorm's batch statistics would see chunks, not the batch
+            if not grad and not self.backbone.training and x.device.type == "cpu" and x.size(0) > 1:
+                chunk = self.cpu_chunk(x)
+                if x.size(0) > chunk:
+                    return torch.cat([self._pooled(self.backbone.forward_features(part))
+                                      for part in x.split(chunk)])
             return self._pooled(self.backbone.forward_features(x))
+
+    def cpu_chunk(self, x: torch.Tensor) -> int:
+        """Images per backbone call for inputs shaped like ``x`` on a CPU without gradients: found
+        once per input shape and precision by running one image with hooks on every module."""
+        try:
+            low = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        except (AttributeError, TypeError):  # torch < 2.4: no per-device autocast queries
+            low = torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        key = (tuple(x.shape[1:]), x.dtype, low, self.CPU_CHUNK, self.CPU_CHUNK_BYTES)
+        sizes = self.__dict__.setdefault("_cpu_chunks", {})
+        if key not in sizes:
+            biggest = [0]
+
+            def note(_module, _inputs, out):
+                if isinstance(out, torch.Tensor):
+                    biggest[0] = max(biggest[0], out.numel() * out.element_size())
+
+            hooks = [m.register_forward_hook(note) for m in self.backbone.modules()]
+            try:
+                with torch.no_grad():
+                    self.backbone.forward_features(x[:1])
+            finally:
+                for h in hooks:
+                    h.remove()
+            sizes[key] = max(1, min(self.CPU_CHUNK, self.CPU_CHUNK_BYTES // max(1, biggest[0])))
+        return sizes[key]
 
     def _pooled(self, feats: torch.Tensor) -> torch.Tensor:
         """``forward_features`` output -> (B, P, C) region features."""
