@@ -78,7 +78,7 @@ def evaluate_model(model, dataset: CaptionDataset, device: torch.device, *, beam
     # METEOR's JVM and paraphrase tables load (~10 s) while the captions are decoded
     meteor_proc = start_meteor() if score and meteor is not False else None
     try:
-        hyps, sums, decode_seconds = _decode_split(
+        hyps, sums, seconds = _decode_split(
             model, dataset, device, vocab or dataset.vocab, beam_size=beam_size, block_ngrams=block_ngrams,
             max_length=max_length or dataset.max_length, batch_size=batch_size, num_workers=num_workers,
             objective=XEObjective(model, alpha_c) if score else None, amp_dtype=amp_dtype, features=features,
@@ -87,13 +87,16 @@ def evaluate_model(model, dataset: CaptionDataset, device: torch.device, *, beam
         if meteor_proc is not None:
             meteor_proc.close(kill=True)
         raise
+    decode_seconds = seconds["encode"] + seconds["beam"]
     if not score:
         return {"images": len(hyps), "captions_per_s": len(hyps) / max(decode_seconds, 1e-9)}
     references = dataset.references()
     ids = dataset.image_ids()
     refs = {str(i): references[i] for i in hyps}
+    t0 = time.perf_counter()
     scores = caption_scores(refs, {str(i): h for i, h in hyps.items()},
                             meteor=meteor_proc if isinstance(meteor_proc, MeteorProcess) else meteor)
+    seconds["scoring"] = time.perf_counter() - t0
     tf = XEObjective.summary(sums.tolist()) if sums is not None else {}
     scores.update({
         "loss": tf.get("ce"),  # cross-entropy per word, without the attention penalty
@@ -102,6 +105,9 @@ def evaluate_model(model, dataset: CaptionDataset, device: torch.device, *, beam
         "beam_size": beam_size,
         "block_ngrams": block_ngrams,
         "captions_per_s": len(hyps) / max(decode_seconds, 1e-9),
+        # where the time went: encoder (or cached features), beam search, teacher-forced pass,
+        # metrics (METEOR included: the wait for its process, started before decoding)
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
     })
     scores["captions"] = [{"image_id": ids[i], "caption": hyps[i]} for i in sorted(hyps)]
     return scores
@@ -109,9 +115,10 @@ def evaluate_model(model, dataset: CaptionDataset, device: torch.device, *, beam
 
 def _decode_split(model, dataset: CaptionDataset, device: torch.device, vocab, *, beam_size: int, block_ngrams: int,
                   max_length: int, batch_size: int, num_workers: int, objective, amp_dtype, features,
-                  progress: ProgressFn | None) -> tuple[dict[int, str], torch.Tensor | None, float]:
+                  progress: ProgressFn | None) -> tuple[dict[int, str], torch.Tensor | None, dict]:
     """Free-running captions of every image (index -> text), the objective's teacher-forced sums
-    (when the vocabularies agree and ``objective`` is given) and the seconds spent decoding."""
+    (when the vocabularies agree and ``objective`` is given) and the seconds spent encoding, in
+    beam search and in the teacher-forced pass."""
     model.eval()
     teacher_forced = objective is not None and vocab.itos == dataset.vocab.itos
     data = CachedFeatureDataset(dataset, Path(features)) if features is not None else dataset
@@ -121,41 +128,50 @@ def _decode_split(model, dataset: CaptionDataset, device: torch.device, vocab, *
                         pin_memory=device.type == "cuda", generator=torch.Generator())
     hyps: dict[int, str] = {}
     sums = None
-    decode_seconds = 0.0
+    seconds = {"encode": 0.0, "beam": 0.0, "teacher_forced": 0.0}
     with model.decoder.frozen_weights():
         for batch in loader:
-            seconds, feats = _decode_batch(model, vocab, batch, device, hyps, beam_size=beam_size,
-                                           block_ngrams=block_ngrams, max_length=max_length, amp_dtype=amp_dtype,
-                                           features=features is not None)
-            decode_seconds += seconds
+            encode_s, beam_s, feats = _decode_batch(model, vocab, batch, device, hyps, beam_size=beam_size,
+                                                    block_ngrams=block_ngrams, max_length=max_length,
+                                                    amp_dtype=amp_dtype, features=features is not None)
+            seconds["encode"] += encode_s
+            seconds["beam"] += beam_s
             if progress is not None:
                 progress(len(hyps), len(dataset))
             if teacher_forced:  # teacher-forced loss and top-5 (what the seed reported), same features
+                t0 = _clock(device)
                 tf_batch = trim_padding(batch)
                 tf_batch = {"captions": tf_batch["captions"].to(device), "lengths": batch["lengths"].to(device)}
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     out = objective(tf_batch, 1.0, feats=feats)["sums"]
                 sums = out if sums is None else sums + out
-    return hyps, sums, decode_seconds
+                seconds["teacher_forced"] += _clock(device) - t0
+    return hyps, sums, seconds
+
+
+def _clock(device: torch.device) -> float:
+    """perf_counter, after the device's queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _decode_batch(model, vocab, batch: dict, device, hyps: dict, *, beam_size: int, block_ngrams: int,
-                  max_length: int, amp_dtype, features: bool) -> tuple[float, torch.Tensor]:
-    """Caption one batch into ``hyps``; returns the seconds it took and the batch's features."""
+                  max_length: int, amp_dtype, features: bool) -> tuple[float, float, torch.Tensor]:
+    """Caption one batch into ``hyps``; returns the seconds spent encoding and decoding it, and
+    the batch's features."""
     regions = batch["regions"].to(device, non_blocking=True) if features else None
     images = batch["images"].to(device, non_blocking=True) if not features else None
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
+    t0 = _clock(device)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         feats = model.features(images, regions)
+    t1 = _clock(device)
     texts, _ = decode_features(model, vocab, feats, beam_size=beam_size, max_length=max_length,
                                block_ngrams=block_ngrams, amp_dtype=amp_dtype)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    t2 = _clock(device)
     for idx, text in zip(batch["index"].tolist(), texts):
         hyps[idx] = text
-    return time.perf_counter() - t0, feats
+    return t1 - t0, t2 - t1, feats
 
 
 def score_results(results_path: str | Path, dataset: CaptionDataset, meteor: bool | None = None) -> dict:

@@ -82,6 +82,12 @@ def test_evaluate_writes_eval_and_coco_captions(runner, tiny_data, tiny_run, tmp
     assert scores["images"] == n_test and scores["beam_size"] == 2
     for key in ("bleu1", "bleu4", "rouge_l", "top5"):
         assert 0.0 <= scores[key] <= 1.0
+    # where the time went, phase by phase, within the command's total
+    seconds = scores["seconds"]
+    assert set(seconds) == {"load", "feature_cache", "encode", "beam", "teacher_forced", "scoring", "total"}
+    assert all(v >= 0 for v in seconds.values()) and seconds["beam"] > 0 and seconds["teacher_forced"] > 0
+    assert sum(v for k, v in seconds.items() if k != "total") <= seconds["total"] + 0.01
+    assert scores["captions_per_s"] == pytest.approx(n_test / (seconds["encode"] + seconds["beam"]), rel=0.01)
     captions = json.loads((out.parent / "captions.json").read_text())
     assert len(captions) == n_test and {"image_id", "caption"} == set(captions[0])
     # scoring the results file again without a model gives the same caption scores

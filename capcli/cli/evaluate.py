@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -58,15 +59,19 @@ def evaluate(
         raise UserError("give a CHECKPOINT (file or run dir) or --results captions.json")
     from capcli.api import load_captioner
 
+    t_start = time.perf_counter()
     dev = resolve_device(device)
     model, vocab, cfg, ckpt = load_captioner(checkpoint, dev)
+    load_s = time.perf_counter() - t_start
     data = data or Path(ckpt.get("data", {}).get("dir", cfg.data.dir))
     dataset = CaptionDataset(data, split, max_images=max_images)
     amp_dtype = autocast_dtype(cfg.train.amp, dev)
     with make_progress(quiet) as bar:
         features = None
+        t0 = time.perf_counter()
         if not cfg.model.finetune and cfg.train.cache_features:  # a frozen encoder: its feature cache
             features = frozen_features(model, dataset, dev, amp_dtype, batch_size, bar)
+        cache_s = time.perf_counter() - t0
         task = bar.add_task(f"beam {beam}", total=len(dataset), info=split)
         scores = evaluate_model(model, dataset, dev, beam_size=beam, max_length=max_length,
                                 batch_size=batch_size, num_workers=workers, alpha_c=cfg.train.alpha_c,
@@ -75,6 +80,10 @@ def evaluate(
                                 progress=lambda done, n: bar.update(task, completed=done))
     captions = scores.pop("captions")
     scores.update({"checkpoint": str(checkpoint), "data": str(data), "split": split})
+    # load: checkpoint and model; feature_cache: a frozen encoder's cache of this split, made on
+    # the first evaluation only; total: the command from its start (Python's imports before it)
+    scores["seconds"] = {"load": round(load_s, 3), "feature_cache": round(cache_s, 3), **scores["seconds"],
+                         "total": round(time.perf_counter() - t_start, 3)}
     if output is None:
         ckpt_path = Path(checkpoint)
         run_dir = ckpt_path if ckpt_path.is_dir() else ckpt_path.parent.parent
@@ -83,6 +92,7 @@ def evaluate(
     write_json(output.with_name("captions.json"), captions)
     console.print(metrics_table(scores, f"{checkpoint} on {data}, split {split}, beam {beam}"))
     console.print(f"wrote {output} and {output.with_name('captions.json')}")
+    console.print("seconds: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in scores["seconds"].items()))
 
 
 def frozen_features(model, dataset, device, amp_dtype, batch_size: int, bar):
