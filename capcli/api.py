@@ -111,11 +111,12 @@ class Captioner:
 
     @torch.inference_mode()
     def caption(self, images: ImageLike | Sequence[ImageLike], *, beam: int = 3, max_length: int | None = None,
-                block_ngrams: int = 0, batch_size: int = 32, sample: dict | None = None) -> list[str] | str:
+                block_ngrams: int = 0, batch_size: int | None = None, sample: dict | None = None) -> list[str] | str:
         """Captions of ``images`` (a list gives a list; one image gives one string). ``sample``
         (``{"temperature": T, "top_k": K}``) draws captions instead of beam search."""
-        from capcli.evaluate import generate
+        from capcli.evaluate import default_batch_size, generate
 
+        batch_size = batch_size or default_batch_size(self.device)
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         out: list[str] = []

@@ -53,9 +53,13 @@ def _collate(items: list[dict]) -> dict:
 
 
 def caption_batches(captioner, files: list[Path], *, beam_size: int = 3, max_length: int | None = None,
-                    block_ngrams: int = 0, sample: dict | None = None, batch_size: int = 32,
+                    block_ngrams: int = 0, sample: dict | None = None, batch_size: int | None = None,
                     num_workers: int = 0, attention_dir: Path | None = None) -> Iterator[list[dict]]:
-    """Rows for ``files``, a batch at a time, in input order (see the module doc)."""
+    """Rows for ``files``, a batch at a time, in input order (see the module doc); ``batch_size``
+    defaults to the device's (:func:`capcli.evaluate.default_batch_size`)."""
+    from capcli.evaluate import default_batch_size
+
+    batch_size = batch_size or default_batch_size(captioner.device)
     loader = DataLoader(ImageFiles(files, captioner.image_size, captioner.resize), batch_size=batch_size,
                         shuffle=False, num_workers=num_workers, collate_fn=_collate,
                         pin_memory=captioner.device.type == "cuda", generator=torch.Generator())

@@ -51,6 +51,32 @@ def test_api_and_cli_give_the_same_captions(runner, tiny_run, photos, tmp_path):
         cap.caption(np.zeros((8, 8, 3), dtype=np.float32))
 
 
+def test_the_default_batch_is_the_devices(runner, tiny_run, photos, tmp_path, monkeypatch):
+    """Without --batch-size, caption, evaluate, the API and benchmark decode batch as the device
+    suits: 32 images on a CPU, 128 on a GPU (whose beam search is launch-bound)."""
+    import capcli.caption
+    import capcli.evaluate
+    from capcli.evaluate import default_batch_size
+
+    assert (default_batch_size("cpu"), default_batch_size("cuda:1"), default_batch_size("meta")) == (32, 128, 32)
+    seen = []
+    real = capcli.caption.caption_batches
+    monkeypatch.setattr(capcli.caption, "caption_batches",
+                        lambda *a, **kw: seen.append(kw["batch_size"]) or real(*a, **kw))
+    out = tmp_path / "c.jsonl"
+    invoke(runner, ["caption", tiny_run, photos, "--output", out, "--device", "cpu", "-q"])
+    invoke(runner, ["caption", tiny_run, photos, "--output", tmp_path / "d.jsonl", "--batch-size", 3,
+                    "--device", "cpu", "-q"])
+    assert seen == [32, 3]
+    monkeypatch.setitem(capcli.evaluate.DEFAULT_BATCH, "cpu", 4)  # the API batches the same way
+    batches = []
+    real_generate = capcli.evaluate.generate
+    monkeypatch.setattr(capcli.evaluate, "generate", lambda m, v, images, **kw: batches.append(len(images))
+                        or real_generate(m, v, images, **kw))
+    Captioner.load(tiny_run, device="cpu").caption(sorted(photos.glob("p*.png")))
+    assert batches == [4, 4, 1]
+
+
 def test_jsonl_streams_in_input_order_with_errors_as_rows(runner, tiny_run, photos, tmp_path):
     out = tmp_path / "all.jsonl"
     invoke(runner, ["caption", tiny_run, photos, "--output", out, "--batch-size", 4, "--workers", 2,

@@ -30,7 +30,7 @@ RANDOM_NOTE = ("random weights: the decoder rarely emits <end>, so most captions
 
 def bench_decode(encoder: str | None = None, *, beam: int = 3, images: int = 64, max_length: int = 20,
                  vocab: int = 1000, image_size: int | None = None, device: torch.device | str = "cpu",
-                 checkpoint: str | Path | None = None, batch: int = 32, warmup: int = 1, amp="auto",
+                 checkpoint: str | Path | None = None, batch: int | None = None, warmup: int = 1, amp="auto",
                  grid: int = 7, progress: ProgressFn | None = None) -> dict:
     """Captioning throughput: ``images`` random images, ``batch`` at a time, encoder + beam search.
 
@@ -41,10 +41,11 @@ def bench_decode(encoder: str | None = None, *, beam: int = 3, images: int = 64,
     """
     from capcli.api import load_captioner
     from capcli.data.vocab import Vocab
-    from capcli.evaluate import decode_features
+    from capcli.evaluate import decode_features, default_batch_size
     from capcli.models.captioner import Captioner
 
     device = torch.device(device)
+    batch = batch or default_batch_size(device)  # the engine's, as caption and evaluate use it
     for key, value in (("beam", beam), ("images", images), ("max_length", max_length), ("batch", batch)):
         if value < 1:
             raise UserError(f"{key} must be at least 1, got {value}")

@@ -189,7 +189,7 @@ def decode(
     max_length: Annotated[int, typer.Option("--max-length", min=1, help="Longest caption in words.")] = 20,
     vocab: Annotated[int, typer.Option("--vocab", min=5, help="Vocabulary size of the random decoder.")] = 1000,
     image_size: Annotated[Optional[int], typer.Option("--image-size", min=16, help="Square input size (default: the checkpoint's, else 224).")] = None,
-    batch: Annotated[int, typer.Option("--batch", min=1, help="Images captioned at once.")] = 32,
+    batch: Annotated[Optional[int], typer.Option("--batch", min=1, help="Images captioned at once (default: caption's, 32 on a CPU, 128 on a GPU).")] = None,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed warm-up batches first.")] = 1,
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Trained weights: .pt or run dir (default: random weights).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the result to this JSON file.")] = None,

@@ -18,7 +18,7 @@ def caption(
     paths: Annotated[List[str], typer.Argument(help="Image files, folders (recursive) or glob patterns.")],
     beam: Annotated[int, typer.Option("--beam", min=1, max=50, help="Beam size (1 = greedy).")] = 3,
     max_length: Annotated[Optional[int], typer.Option("--max-length", min=1, help="Longest caption in words (default: the model's).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images captioned at once.")] = 32,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images captioned at once (default: 32 on a CPU, 128 on a GPU).")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", min=0, help="Image-decoding worker processes (default: what this process's CPUs allow).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write captions to .jsonl (streamed as made), .json or .csv.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a stopped run: skip the files --output already has.")] = False,
@@ -49,6 +49,7 @@ def caption(
     from capcli.api import Captioner
     from capcli.caption import OUTPUT_SUFFIXES, caption_files
     from capcli.data.images import find_images
+    from capcli.evaluate import default_batch_size
     from capcli.training.runtime import cleanup_distributed, resolve_num_workers, setup_distributed
 
     if output is not None and output.suffix.lower() not in OUTPUT_SUFFIXES:
@@ -86,7 +87,8 @@ def caption(
                 captioner, files, output=output, resume=resume, rank=d.rank, world=d.world, barrier=barrier,
                 progress=lambda done, n: bar.update(task, completed=done),
                 beam_size=beam, max_length=max_length, block_ngrams=block_ngrams,
-                sample={"temperature": temperature, "top_k": top_k} if sample else None, batch_size=batch_size,
+                sample={"temperature": temperature, "top_k": top_k} if sample else None,
+                batch_size=batch_size or default_batch_size(dev),
                 num_workers=resolve_num_workers("auto" if workers is None else workers, d),
                 attention_dir=attention_maps)
     finally:

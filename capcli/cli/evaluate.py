@@ -20,7 +20,7 @@ def evaluate(
     split: Annotated[str, typer.Option("--split", help="Split to score.")] = "test",
     beam: Annotated[int, typer.Option("--beam", min=1, max=50, help="Beam size (1 = greedy).")] = 3,
     max_length: Annotated[int, typer.Option("--max-length", min=0, help="Longest caption in words (0 = dataset's).")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images decoded at once.")] = 32,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images decoded at once (default: 32 on a CPU, 128 on a GPU).")] = None,
     max_images: Annotated[int, typer.Option("--max-images", min=0, help="Score only the first N images (0 = all).")] = 0,
     block_ngrams: Annotated[int, typer.Option("--block-ngrams", min=0, help="Never repeat an n-gram of this size within a caption (0 = off).")] = 0,
     results: Annotated[Optional[Path], typer.Option("--results", help="Score this COCO results file instead of a model.")] = None,
@@ -40,7 +40,7 @@ def evaluate(
       capcli evaluate --results captions.json --data data/coco --split test
     """
     from capcli.data.dataset import CaptionDataset
-    from capcli.evaluate import evaluate_model, score_results
+    from capcli.evaluate import default_batch_size, evaluate_model, score_results
     from capcli.training.runtime import autocast_dtype
 
     if results is not None:
@@ -61,6 +61,7 @@ def evaluate(
 
     t_start = time.perf_counter()
     dev = resolve_device(device)
+    batch_size = batch_size or default_batch_size(dev)
     model, vocab, cfg, ckpt = load_captioner(checkpoint, dev)
     load_s = time.perf_counter() - t_start
     data = data or Path(ckpt.get("data", {}).get("dir", cfg.data.dir))
