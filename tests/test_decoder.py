@@ -338,3 +338,26 @@ def test_known_lengths_leave_the_training_loss_unchanged(setup):
     logits, alphas = dec(feats, captions, lengths=lengths)
     short = caption_loss(logits, targets, alphas, lengths)[0]
     torch.testing.assert_close(short, full, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("lengths", [None, [5, 7, 2, 4], [7, 7, 7, 3], [2, 3, 4, 5], [7, 7, 7, 7]])
+def test_teacher_forced_pass_without_gradients_equals_the_training_pass(setup, lengths):
+    """Without gradients on a CPU (evaluation's loss and top-5) teacher forcing runs through the
+    row-major InferenceStep instead of the training recurrence: the same logits and attention,
+    placeholders included (zeros after a caption's end), in the caller's row order."""
+    dec, feats, captions = setup
+    lengths = None if lengths is None else torch.tensor(lengths)
+    with torch.enable_grad():
+        ref_logits, ref_alphas = dec(feats, captions, lengths=lengths)  # the training recurrence
+    calls = []
+    real_step = Decoder._teacher_forced_no_grad
+    try:
+        Decoder._teacher_forced_no_grad = lambda self, *a: calls.append(1) or real_step(self, *a)
+        with torch.no_grad():
+            logits, alphas = dec(feats, captions, lengths=lengths)
+            dec(feats, captions, tf_ratio=0.5, lengths=lengths)  # not teacher forcing: the recurrence
+    finally:
+        Decoder._teacher_forced_no_grad = real_step
+    assert calls == [1]
+    torch.testing.assert_close(logits, ref_logits.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(alphas, ref_alphas.detach(), rtol=1e-10, atol=1e-10)

@@ -55,6 +55,28 @@ class Decoder(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(h))
 
+    # without gradients on a CPU (evaluation's teacher-forced loss and top-5), run the steps
+    # through InferenceStep: row-major products whose gate nonlinearities read contiguous memory
+    NO_GRAD_ROWS = True
+
+    def _teacher_forced_no_grad(self, feats, enc_proj, h, c, captions, active):
+        """The teacher-forced recurrence without gradients: hidden states (N, T, H) and attention
+        (N, T, P), as ``_Recurrence`` gives them (rows sorted longest first when ``active``;
+        the steps after a caption's end hold zeros)."""
+        n, steps = captions.size(0), captions.size(1) - 1
+        run = active if active is not None else [n] * steps
+        step = self.stepper(n, steps)
+        hs = h.new_zeros(n, steps, h.size(1))
+        alphas = h.new_zeros(n, steps, feats.size(1), dtype=torch.promote_types(h.dtype, torch.float32))
+        for t in range(steps):
+            r = run[t]
+            if r == 0:
+                break
+            h, c, alpha = step(captions[:r, t], feats[:r], enc_proj[:r], h[:r], c[:r])
+            hs[:r, t] = h
+            alphas[:r, t] = alpha
+        return hs, alphas
+
     def stepper(self, rows: int = 0, steps: int = 0) -> "InferenceStep":
         """A faster :meth:`step` for decoding without gradients (beam search, sampling) over
         ``rows`` sequences for up to ``steps`` steps; see :class:`InferenceStep`. The word-gate
@@ -129,11 +151,15 @@ class Decoder(nn.Module):
         b_h = torch.cat([att.dec_att.bias, self.f_beta.bias, lstm.bias_ih + lstm.bias_hh])
         teacher = tf_ratio >= 1.0
         fc_w, fc_b = (None, None) if teacher else (self.fc.weight.to(dtype), self.fc.bias.to(dtype))
-        out, alphas = _Recurrence.apply(
-            feats.to(dtype), enc_proj.to(dtype), h, c.to(dtype), w_h.to(dtype), b_h.to(dtype),
-            lstm.weight_ih.to(dtype), att.full_att.weight.view(-1).to(dtype), att.full_att.bias.to(dtype),
-            self.embedding.weight.to(dtype), fc_w, fc_b, captions, float(tf_ratio),
-            self.dropout.p if self.dropout.training else 0.0, feats.dtype, active)
+        if (teacher and not torch.is_grad_enabled() and feats.device.type == "cpu" and self.NO_GRAD_ROWS
+                and _active_autocast_dtype("cpu") is None):
+            out, alphas = self._teacher_forced_no_grad(feats, enc_proj, h, c, captions, active)
+        else:
+            out, alphas = _Recurrence.apply(
+                feats.to(dtype), enc_proj.to(dtype), h, c.to(dtype), w_h.to(dtype), b_h.to(dtype),
+                lstm.weight_ih.to(dtype), att.full_att.weight.view(-1).to(dtype), att.full_att.bias.to(dtype),
+                self.embedding.weight.to(dtype), fc_w, fc_b, captions, float(tf_ratio),
+                self.dropout.p if self.dropout.training else 0.0, feats.dtype, active)
         if teacher:  # one projection over all steps (that ran)
             if active is None:
                 out = self.logits(out)
