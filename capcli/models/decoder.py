@@ -55,10 +55,6 @@ class Decoder(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(h))
 
-    # without gradients on a CPU (evaluation's teacher-forced loss and top-5), run the steps
-    # through InferenceStep: row-major products whose gate nonlinearities read contiguous memory
-    NO_GRAD_ROWS = True
-
     def _teacher_forced_no_grad(self, feats, enc_proj, h, c, captions, active):
         """The teacher-forced recurrence without gradients: hidden states (N, T, H) and attention
         (N, T, P), as ``_Recurrence`` gives them (rows sorted longest first when ``active``;
@@ -141,20 +137,23 @@ class Decoder(nn.Module):
                     enc_proj = _PermuteRows.apply(enc_proj, order, restore)
                     captions = captions[order]
         h, c = self.init_state(feats)
-        # A Linear's output has the dtype matmuls run in (autocast's when it is on, else the
-        # parameters'): the recurrence runs with autocast off and every operand cast to it.
-        dtype = h.dtype
-        att, lstm = self.attention, self.lstm
-        # the attention query, the context gate and the hidden-to-gates product all read the
-        # previous h: one GEMM per step; both LSTM biases ride along with the last
-        w_h = torch.cat([att.dec_att.weight, self.f_beta.weight, lstm.weight_hh])
-        b_h = torch.cat([att.dec_att.bias, self.f_beta.bias, lstm.bias_ih + lstm.bias_hh])
         teacher = tf_ratio >= 1.0
-        fc_w, fc_b = (None, None) if teacher else (self.fc.weight.to(dtype), self.fc.bias.to(dtype))
-        if (teacher and not torch.is_grad_enabled() and feats.device.type == "cpu" and self.NO_GRAD_ROWS
+        if (teacher and not torch.is_grad_enabled() and feats.device.type == "cpu"
                 and _active_autocast_dtype("cpu") is None):
+            # without gradients (evaluation's loss and top-5): InferenceStep's row-major products,
+            # whose gate nonlinearities read contiguous memory (the recurrence's transposed ones
+            # read it strided)
             out, alphas = self._teacher_forced_no_grad(feats, enc_proj, h, c, captions, active)
         else:
+            # A Linear's output has the dtype matmuls run in (autocast's when it is on, else the
+            # parameters'): the recurrence runs with autocast off and every operand cast to it.
+            dtype = h.dtype
+            att, lstm = self.attention, self.lstm
+            # the attention query, the context gate and the hidden-to-gates product all read the
+            # previous h: one GEMM per step; both LSTM biases ride along with the last
+            w_h = torch.cat([att.dec_att.weight, self.f_beta.weight, lstm.weight_hh])
+            b_h = torch.cat([att.dec_att.bias, self.f_beta.bias, lstm.bias_ih + lstm.bias_hh])
+            fc_w, fc_b = (None, None) if teacher else (self.fc.weight.to(dtype), self.fc.bias.to(dtype))
             out, alphas = _Recurrence.apply(
                 feats.to(dtype), enc_proj.to(dtype), h, c.to(dtype), w_h.to(dtype), b_h.to(dtype),
                 lstm.weight_ih.to(dtype), att.full_att.weight.view(-1).to(dtype), att.full_att.bias.to(dtype),

@@ -180,11 +180,9 @@ class Encoder(nn.Module):
     def cpu_chunk(self, x: torch.Tensor) -> int:
         """Images per backbone call for inputs shaped like ``x`` on a CPU without gradients: found
         once per input shape and precision by running one image with hooks on every module."""
-        try:
-            low = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-        except (AttributeError, TypeError):  # torch < 2.4: no per-device autocast queries
-            low = torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
-        key = (tuple(x.shape[1:]), x.dtype, low, self.CPU_CHUNK, self.CPU_CHUNK_BYTES)
+        from capcli.models.decoder import _active_autocast_dtype
+
+        key = (tuple(x.shape[1:]), x.dtype, _active_autocast_dtype("cpu"), self.CPU_CHUNK, self.CPU_CHUNK_BYTES)
         sizes = self.__dict__.setdefault("_cpu_chunks", {})
         if key not in sizes:
             biggest = [0]
