@@ -87,7 +87,8 @@ def test_evaluate_writes_eval_and_coco_captions(runner, tiny_data, tiny_run, tmp
     assert set(seconds) == {"load", "feature_cache", "encode", "beam", "teacher_forced", "scoring", "total"}
     assert all(v >= 0 for v in seconds.values()) and seconds["beam"] > 0 and seconds["teacher_forced"] > 0
     assert sum(v for k, v in seconds.items() if k != "total") <= seconds["total"] + 0.01
-    assert scores["captions_per_s"] == pytest.approx(n_test / (seconds["encode"] + seconds["beam"]), rel=0.01)
+    decode_s = seconds["encode"] + seconds["beam"]  # each rounded to 1 ms in eval.json
+    assert n_test / (decode_s + 0.001) <= scores["captions_per_s"] <= n_test / max(decode_s - 0.001, 1e-9)
     captions = json.loads((out.parent / "captions.json").read_text())
     assert len(captions) == n_test and {"image_id", "caption"} == set(captions[0])
     # scoring the results file again without a model gives the same caption scores
