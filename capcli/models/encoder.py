@@ -169,13 +169,30 @@ class Encoder(nn.Module):
         x = self.normalize(images)
         grad = torch.is_grad_enabled() and self.finetune
         with torch.set_grad_enabled(grad):
-            # eval mode only: in train mode BatchNorm's batch statistics would see chunks, not the batch
-            if not grad and not self.backbone.training and x.device.type == "cpu" and x.size(0) > 1:
+            if grad or self.backbone.training:  # BatchNorm's batch statistics see the whole batch
+                return self._pooled(self.backbone.forward_features(x))
+            backbone = self.inference_backbone(x)
+            if x.device.type == "cpu" and x.size(0) > 1:
                 chunk = self.cpu_chunk(x)
                 if x.size(0) > chunk:
-                    return torch.cat([self._pooled(self.backbone.forward_features(part))
-                                      for part in x.split(chunk)])
-            return self._pooled(self.backbone.forward_features(x))
+                    return torch.cat([self._pooled(backbone.forward_features(part)) for part in x.split(chunk)])
+            return self._pooled(backbone.forward_features(x))
+
+    def inference_backbone(self, x: torch.Tensor) -> nn.Module:
+        """The backbone to run without gradients in eval mode: a copy with its BatchNorms folded
+        into their convolutions (:mod:`capcli.models.fold`) where it has any, else the backbone.
+        The copy is made on first use and again whenever the backbone's weights change (fine-tuning
+        between validations) or move; the backbone itself is never altered."""
+        tensors = [*self.backbone.parameters(), *self.backbone.buffers()]
+        key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+        cached = self.__dict__.get("_folded")  # not a submodule: no state-dict keys, not moved by .to()
+        if cached is None or cached[0] != key:
+            from capcli.models.fold import fold_batchnorm
+
+            self.__dict__["_folded"] = None  # the old copy goes before a new one is made
+            cached = (key, fold_batchnorm(self.backbone, x[:1]) or self.backbone)
+            self.__dict__["_folded"] = cached
+        return cached[1]
 
     def cpu_chunk(self, x: torch.Tensor) -> int:
         """Images per backbone call for inputs shaped like ``x`` on a CPU without gradients: found
