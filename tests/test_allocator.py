@@ -71,3 +71,41 @@ def test_the_command_line_tunes_malloc_at_start(monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         cli.main()
     assert exit_.value.code == 0 and calls == [1]
+
+
+def _run_python(code: str) -> str:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_model_commands_import_torch_with_the_collector_paused_then_frozen():
+    # a model command (evaluate, stopped by a user error after the wrapper ran) imports timm once,
+    # freezes what the imports made and leaves the collector on; a prepare command imports no torch
+    code = """
+import gc, sys
+from typer.testing import CliRunner
+from capcli.cli.main import app
+r = CliRunner().invoke(app, ["prepare", "folder", "--images", "/nonexistent-dir", "--captions", "/nonexistent.csv", "--out", "/nonexistent-out"])
+print(r.exit_code, "torch" in sys.modules)
+r = CliRunner().invoke(app, ["evaluate"])
+print(r.exit_code, "timm" in sys.modules, gc.isenabled(), gc.get_freeze_count() > 100000)
+"""
+    assert _run_python(code).split("\n") == ["1 False", "1 True True True"]
+
+
+def test_main_freezes_the_heap_on_the_way_out():
+    code = """
+import gc, sys
+from capcli.cli import main
+sys.argv = ["capcli", "--version"]
+try:
+    main.main()
+except SystemExit:
+    pass
+print(gc.get_freeze_count() > 0)
+"""
+    assert _run_python(code).split("\n")[-1] == "True"

@@ -41,7 +41,7 @@ def _pairs_table(title: str, result: dict, keys: list[tuple[str, str, int]]):
 
 
 @app.command("encoders")
-@command
+@command(torch=True)
 def encoders(
     encoders: Annotated[Optional[str], typer.Option("--encoders", help="Comma-separated timm names (default: convnext_atto,convnext_femto,convnext_pico on CPU; convnext_tiny,convnext_small,convnext_base on CUDA).")] = None,
     image_size: Annotated[Optional[int], typer.Option("--image-size", min=16, help="Square input size (default: --data's size, else 224).")] = None,
@@ -123,7 +123,7 @@ def encoders(
 
 
 @app.command("train")
-@command
+@command(torch=True)
 def train(
     encoder: Annotated[str, typer.Option("--encoder", help="timm model name, e.g. convnext_tiny.")],
     image_size: Annotated[int, typer.Option("--image-size", min=16, help="Square input size.")] = 224,
@@ -181,7 +181,7 @@ def train(
 
 
 @app.command("decode")
-@command
+@command(torch=True)
 def decode(
     encoder: Annotated[Optional[str], typer.Option("--encoder", help="timm model name (default: the checkpoint's).")] = None,
     beam: Annotated[int, typer.Option("--beam", min=1, max=50, help="Beam size (1 = greedy).")] = 3,
@@ -275,7 +275,7 @@ def prepare(
 
 
 @app.command("study")
-@command
+@command(torch=True)
 def study(
     grid: Annotated[str, typer.Argument(help="Grid YAML path, or a shipped grid: paper, tiny.")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value applied to every run, e.g. data.dir=data/coco", show_default=False)] = None,

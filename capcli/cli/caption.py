@@ -12,7 +12,7 @@ from capcli.errors import UserError
 from capcli.report import console, make_progress, table
 
 
-@command
+@command(torch=True)
 def caption(
     model: Annotated[str, typer.Argument(help="A trained captioner: run dir (its best.pt), checkpoint file, model folder (capcli export) or hf-hub:user/name.")],
     paths: Annotated[List[str], typer.Argument(help="Image files, folders (recursive) or glob patterns.")],

@@ -13,7 +13,7 @@ from capcli.errors import UserError
 from capcli.report import console, make_progress, metrics_table, write_json
 
 
-@command
+@command(torch=True)
 def evaluate(
     checkpoint: Annotated[Optional[str], typer.Argument(help="A trained captioner: run dir (its best.pt), checkpoint file, model folder (capcli export) or hf-hub:user/name.")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Dataset dir (default: the one the model trained on).")] = None,

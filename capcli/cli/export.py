@@ -20,7 +20,7 @@ def _size(path: Path) -> str:
     return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
 
 
-@command
+@command(torch=True)
 def export(
     run: RunArg,
     out_dir: Annotated[Path, typer.Argument(help="Folder to write (created; must be new or empty unless --overwrite).",
@@ -53,7 +53,7 @@ def export(
     console.print(f"use it: capcli caption {folder} photo.jpg   or   Captioner.load(\"{folder}\")", highlight=False)
 
 
-@command
+@command(torch=True)
 def push(
     run: RunArg,
     repo: Annotated[str, typer.Option("--repo", help="Hub model repo, user/name (created if missing).",

@@ -11,7 +11,7 @@ from capcli.cli.common import DebugOpt, DeviceOpt, QuietOpt, command, resolve_de
 from capcli.report import console, err_console, make_progress, metrics_table, table, write_json
 
 
-@command
+@command(torch=True)
 def quickstart(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for everything the quickstart writes.")] = Path("quickstart"),
     images: Annotated[int, typer.Option("--images", "-n", min=30, help="Synthetic scenes to render.")] = 1000,

@@ -12,7 +12,7 @@ from capcli.errors import UserError
 from capcli.report import console, make_progress
 
 
-@command
+@command(torch=True)
 def train(
     config: Annotated[Optional[str], typer.Argument(help="YAML config path, or a shipped one: tiny, convnext_small.")] = None,
     overrides: Annotated[Optional[List[str]], typer.Argument(help="key=value overrides, e.g. train.lr=1e-4", show_default=False)] = None,
