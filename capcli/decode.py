@@ -45,7 +45,8 @@ def beam_search(decoder: Decoder, feats: torch.Tensor, *, start: int, end: int, 
     proj = decoder.attention.project(feats)
     h, c = decoder.init_state(feats)
     h, c = h.repeat_interleave(k, dim=0), c.repeat_interleave(k, dim=0)
-    if not getattr(step, "grouped", False):  # a plain step wants the features once per beam
+    grouped = getattr(step, "grouped", False)
+    if not grouped:  # a plain step wants the features once per beam
         feats, proj = feats.repeat_interleave(k, dim=0), proj.repeat_interleave(k, dim=0)
 
     scores = torch.zeros(b, k, device=device)
@@ -60,36 +61,56 @@ def beam_search(decoder: Decoder, feats: torch.Tensor, *, start: int, end: int, 
     banned = torch.tensor([pad, start], device=device)  # never emitted by an open caption
     tokens = torch.full((b * k,), start, dtype=torch.long, device=device)
     offsets = (torch.arange(b, device=device) * k).unsqueeze(1)
+    # Images whose beams have all ended leave the batch (their beams would only add <pad> at no
+    # cost): ``images`` maps the rows still decoding to the batch, ``done`` keeps the others.
+    images = torch.arange(b, device=device)
+    done: list[tuple] = []
+    n = b  # images still decoding
 
     for t in range(max_length + 1):
         h, c, alpha = step(tokens, feats, proj, h, c)
         if t == max_length:
-            logp = cut.expand(b, k, v)
+            logp = cut.expand(n, k, v)
         else:
             # index_fill_ with an index already on the device: a list index would be copied from
             # host memory at every step (a synchronising copy on a GPU)
             logits = decoder.logits(h).float().index_fill_(1, banned, float("-inf"))
             logp = torch.log_softmax(logits, dim=-1)
             if block_ngrams and seqs.size(2) >= block_ngrams:
-                logp = logp.masked_fill(repeated_ngram(seqs.view(b * k, -1), block_ngrams, v), float("-inf"))
-            logp = logp.view(b, k, v)
+                logp = logp.masked_fill(repeated_ngram(seqs.view(n * k, -1), block_ngrams, v), float("-inf"))
+            logp = logp.view(n, k, v)
         logp = torch.where(finished.unsqueeze(2), frozen, logp)
-        top, idx = (scores.unsqueeze(2) + logp).view(b, k * v).topk(k, dim=1)
+        top, idx = (scores.unsqueeze(2) + logp).view(n, k * v).topk(k, dim=1)
         beam = torch.div(idx, v, rounding_mode="floor")  # integer division (never float indices)
         token = idx % v
         seqs = torch.cat([seqs.gather(1, beam.unsqueeze(2).expand(-1, -1, seqs.size(2))),
                           token.unsqueeze(2)], dim=2)
         if alphas is not None:
             prev = alphas.gather(1, beam[:, :, None, None].expand(-1, -1, alphas.size(2), p))
-            step_alpha = alpha.view(b, k, p).gather(1, beam.unsqueeze(2).expand(-1, -1, p))
+            step_alpha = alpha.view(n, k, p).gather(1, beam.unsqueeze(2).expand(-1, -1, p))
             alphas = torch.cat([prev, step_alpha.unsqueeze(2).float()], dim=2)
         finished = finished.gather(1, beam) | (token == end)
         scores = top
         flat = (beam + offsets).view(-1)
         h, c = h[flat], c[flat]
         tokens = token.view(-1)
-        if bool(finished.all()):
+        ended = finished.all(dim=1)
+        n_ended = int(ended.sum())  # the step's one host sync, as the all-finished test was
+        if n_ended == n:
             break
+        if COMPACT_FRACTION and t < max_length and n_ended >= max(1, n // COMPACT_FRACTION):
+            gone, keep = ended.nonzero().squeeze(1), (~ended).nonzero().squeeze(1)
+            done.append((images[gone], seqs[gone], scores[gone], finished[gone],
+                         alphas[gone] if alphas is not None else None))
+            rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
+            images, seqs, scores, finished = images[keep], seqs[keep], scores[keep], finished[keep]
+            alphas = alphas[keep] if alphas is not None else None
+            h, c, tokens = h[rows], c[rows], tokens[rows]
+            feats, proj = (feats[keep], proj[keep]) if grouped else (feats[rows], proj[rows])
+            n = keep.numel()
+            offsets = offsets[:n]
+    if done:
+        seqs, scores, finished, alphas = _reassemble(done + [(images, seqs, scores, finished, alphas)], b, pad)
 
     words = (seqs != end) & (seqs != pad)
     lengths = words.sum(dim=2)
@@ -110,6 +131,30 @@ def beam_search(decoder: Decoder, feats: torch.Tensor, *, start: int, end: int, 
         out_tokens.append(caption)
     best_alphas = alphas[torch.arange(b, device=device), best] if alphas is not None else None
     return DecodeResult(out_tokens, final[torch.arange(b, device=device), best], best_alphas)
+
+
+# Images whose beams have all ended leave the batch once they are at least 1/COMPACT_FRACTION of it
+# (each compaction copies the rest's features and states once); 0 = never.
+COMPACT_FRACTION = 8
+
+
+def _reassemble(parts: list[tuple], b: int, pad: int):
+    """Batch-ordered (seqs, scores, finished, alphas) from the parts that left the beam search at
+    different steps: (image indices, seqs, scores, finished, alphas), shorter seqs padded with
+    <pad> (what their ended beams would have added, at no cost) and alphas with zeros."""
+    _, seqs, scores, _, alphas = parts[-1]
+    k, length = seqs.shape[1:]
+    all_seqs = seqs.new_full((b, k, length), pad)
+    all_scores = scores.new_empty(b, k)
+    all_finished = torch.empty(b, k, dtype=torch.bool, device=seqs.device)
+    all_alphas = alphas.new_zeros(b, k, length, alphas.size(3)) if alphas is not None else None
+    for images, s, sc, f, a in parts:
+        all_seqs[images, :, : s.size(2)] = s
+        all_scores[images] = sc
+        all_finished[images] = f
+        if a is not None:
+            all_alphas[images, :, : a.size(2)] = a
+    return all_seqs, all_scores, all_finished, all_alphas
 
 
 def _stepper(decoder, rows: int, steps: int):

@@ -211,3 +211,35 @@ def test_samples_that_never_end_are_cut_at_max_length():
     logp[:, :, 5] = 0.0  # always "5"
     s = sample(Markov(logp), torch.zeros(2, 1, 1), start=START, end=END, pad=PAD, max_length=4)
     assert s.tokens.tolist() == [[5, 5, 5, 5]] * 2 and not s.ended.any() and s.lengths.tolist() == [4, 4]
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_images_leave_the_beam_search_when_their_beams_end(grouped, monkeypatch):
+    """Images whose beams have all ended leave the batch (compaction); each image still gets what
+    it gets decoded alone: tokens, scores, and attention (zeros after its own last step)."""
+    import capcli.decode as decode
+    from capcli.models.decoder import Decoder
+
+    torch.manual_seed(3)
+    dec = Decoder(vocab_size=30, enc_dim=8, emb_dim=8, att_dim=8, dec_dim=8, dropout=0.0).double().eval()
+    with torch.no_grad():  # captions end after one, two or twelve words, by image
+        dec.fc.weight.normal_(0, 1)
+        dec.fc.bias[END] = 2.0
+    if not grouped:
+        monkeypatch.setattr(Decoder, "stepper", None)  # the plain step: features repeated per beam
+    feats = torch.randn(12, 4, 8, dtype=torch.float64) * 3
+    parts = []
+    reassemble = decode._reassemble
+    monkeypatch.setattr(decode, "_reassemble", lambda p, *a: parts.append(len(p)) or reassemble(p, *a))
+    monkeypatch.setattr(decode, "COMPACT_FRACTION", 4)
+    batched = beam_search(dec, feats, start=START, end=END, pad=PAD, beam_size=3, max_length=12, return_alphas=True)
+    assert parts and parts[0] >= 3  # the batch shrank at least twice before its last images ended
+    for i in range(len(feats)):
+        one = beam_search(dec, feats[i:i + 1], start=START, end=END, pad=PAD, beam_size=3, max_length=12,
+                          return_alphas=True)
+        assert one.tokens[0] == batched.tokens[i]
+        torch.testing.assert_close(one.scores[0], batched.scores[i], rtol=1e-10, atol=1e-12)
+        steps = one.alphas.size(1)
+        torch.testing.assert_close(batched.alphas[i, :steps], one.alphas[0].to(batched.alphas.dtype),
+                                   rtol=1e-10, atol=1e-12)
+        assert not batched.alphas[i, steps:].any()
