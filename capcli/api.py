@@ -120,7 +120,7 @@ class Captioner:
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         out: list[str] = []
-        with self.model.decoder.frozen_weights():
+        with self.model.frozen_weights():
             for i in range(0, len(items), batch_size):
                 texts, _ = generate(self.model, self.vocab, self.preprocess(items[i:i + batch_size]), beam_size=beam,
                                     max_length=max_length or self.max_length, block_ngrams=block_ngrams,

@@ -65,7 +65,7 @@ def caption_batches(captioner, files: list[Path], *, beam_size: int = 3, max_len
                         pin_memory=captioner.device.type == "cuda", generator=torch.Generator())
     model = captioner.model
     model.eval()
-    with model.decoder.frozen_weights():
+    with model.frozen_weights():
         yield from _caption_loader(captioner, loader, files, beam_size=beam_size, max_length=max_length,
                                    block_ngrams=block_ngrams, sample=sample, attention_dir=attention_dir)
 

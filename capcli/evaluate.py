@@ -140,7 +140,7 @@ def _decode_split(model, dataset: CaptionDataset, device: torch.device, vocab, *
     hyps: dict[int, str] = {}
     sums = None
     seconds = {"encode": 0.0, "beam": 0.0, "teacher_forced": 0.0}
-    with model.decoder.frozen_weights():
+    with model.frozen_weights():
         for batch in loader:
             encode_s, beam_s, feats = _decode_batch(model, vocab, batch, device, hyps, beam_size=beam_size,
                                                     block_ngrams=block_ngrams, max_length=max_length,

@@ -90,7 +90,7 @@ def test_encoder_runs_the_folded_copy_only_without_gradients():
     _randomise_bn(enc.backbone)
     images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
     enc.eval()
-    with torch.no_grad():
+    with torch.no_grad(), enc.frozen_weights():  # a fine-tuned backbone runs folded inside the promise
         folded_out = enc.regions(images)
         backbone = enc.__dict__["_folded"][1]
         assert backbone is not enc.backbone
@@ -102,13 +102,39 @@ def test_encoder_runs_the_folded_copy_only_without_gradients():
     out = enc.regions(images)
     assert out.requires_grad
     # a weight changed in place (an optimiser step) makes a new copy that sees it
-    with torch.no_grad():
+    with torch.no_grad(), enc.frozen_weights():
         enc.backbone.conv1.weight.mul_(2)
         refolded = enc.regions(images)
         assert enc.__dict__["_folded"][1] is not backbone
         plain = enc._pooled(enc.backbone.forward_features(enc.normalize(images)))
     torch.testing.assert_close(refolded, plain, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(refolded, folded_out, rtol=1e-3, atol=1e-3)
+
+
+def test_a_fused_optimiser_step_never_leaves_a_stale_folded_copy():
+    """Fused Adam updates weights in place without bumping their version counters: a backbone
+    being fine-tuned runs folded only inside frozen_weights(), whose copy is made afresh."""
+    torch.manual_seed(0)
+    enc = Encoder("resnet18", pretrained=False, finetune=True, grid=2)
+    _randomise_bn(enc.backbone)
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    opt = torch.optim.Adam([p for p in enc.backbone.parameters() if p.requires_grad], lr=0.01, fused=True)
+
+    def validate():
+        enc.eval()
+        with torch.no_grad(), enc.frozen_weights():
+            got = enc.regions(images)
+            want = enc._pooled(enc.backbone.forward_features(enc.normalize(images)))
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+        with torch.no_grad():  # outside the promise: the backbone itself
+            torch.testing.assert_close(enc.regions(images), want, rtol=1e-3, atol=1e-3)
+        return got
+
+    first = validate()
+    # a step in eval mode (BatchNorm statistics fixed, so no buffer's version moves either)
+    enc.regions(images).square().mean().backward()
+    opt.step()
+    assert not torch.allclose(validate(), first, rtol=1e-3, atol=1e-3)
 
 
 def test_encoder_without_batchnorm_keeps_its_backbone():

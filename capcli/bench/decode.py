@@ -95,7 +95,7 @@ def bench_decode(encoder: str | None = None, *, beam: int = 3, images: int = 64,
             sync(device)
             times = []
             t0 = time.perf_counter()
-            with model.decoder.frozen_weights():  # as an evaluation does: derived weights once, timed
+            with model.frozen_weights():  # as an evaluation does: derived weights once, timed
                 for i, size in enumerate(chunks):
                     tokens = caption(size)
                     sync(device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 
 import torch
 from torch import nn
@@ -21,6 +22,14 @@ class Captioner(nn.Module):
                                feature_norm=cfg.feature_norm, channels_last=cfg.channels_last)
         self.decoder = Decoder(vocab_size, self.encoder.out_dim, cfg.emb_dim, cfg.att_dim,
                                cfg.dec_dim, cfg.dropout)
+
+    @contextlib.contextmanager
+    def frozen_weights(self):
+        """Promise that no weight changes inside the block (an evaluation, a captioning run): what
+        is derived from the weights (the decoder's gate table, the encoder's BatchNorm-folded
+        copy) is made once for all its batches."""
+        with self.encoder.frozen_weights(), self.decoder.frozen_weights():
+            yield self
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder(images)

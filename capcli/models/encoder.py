@@ -7,6 +7,7 @@ encoder (train, evaluate, caption, benchmark) preprocesses the same way.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -178,11 +179,33 @@ class Encoder(nn.Module):
                     return torch.cat([self._pooled(backbone.forward_features(part)) for part in x.split(chunk)])
             return self._pooled(backbone.forward_features(x))
 
+    @contextlib.contextmanager
+    def frozen_weights(self):
+        """Promise that the backbone's weights do not change inside the block (an evaluation, a
+        captioning run), so that a backbone being fine-tuned may also run folded there (see
+        :meth:`inference_backbone`); its folded copy is made afresh for each block."""
+        trainable = any(p.requires_grad for p in self.backbone.parameters())
+        depth = self.__dict__.get("_frozen_depth", 0)
+        if trainable and depth == 0:
+            self.__dict__["_folded"] = None
+        self.__dict__["_frozen_depth"] = depth + 1
+        try:
+            yield self
+        finally:
+            self.__dict__["_frozen_depth"] = depth
+            if trainable and depth == 0:
+                self.__dict__["_folded"] = None
+
     def inference_backbone(self, x: torch.Tensor) -> nn.Module:
         """The backbone to run without gradients in eval mode: a copy with its BatchNorms folded
         into their convolutions (:mod:`capcli.models.fold`) where it has any, else the backbone.
-        The copy is made on first use and again whenever the backbone's weights change (fine-tuning
-        between validations) or move; the backbone itself is never altered."""
+        The copy is made on first use and again whenever the weights change or move (version
+        counters, data pointers); the backbone itself is never altered. A backbone with trainable
+        weights runs folded only inside :meth:`frozen_weights`: a fused optimizer updates weights
+        in place without bumping their version counters, so a copy kept between a fine-tuning
+        run's validations could be stale."""
+        if self.__dict__.get("_frozen_depth", 0) == 0 and any(p.requires_grad for p in self.backbone.parameters()):
+            return self.backbone
         tensors = [*self.backbone.parameters(), *self.backbone.buffers()]
         key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
         cached = self.__dict__.get("_folded")  # not a submodule: no state-dict keys, not moved by .to()
