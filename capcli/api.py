@@ -93,16 +93,21 @@ class Captioner:
     source: str = ""
 
     @classmethod
-    def load(cls, source: str | Path, device: str | torch.device = "auto") -> "Captioner":
-        """From a run dir, a checkpoint file, a model folder (`capcli export`) or ``hf-hub:user/name``."""
+    def load(cls, source: str | Path, device: str | torch.device = "auto", amp: str | None = None) -> "Captioner":
+        """From a run dir, a checkpoint file, a model folder (`capcli export`) or ``hf-hub:user/name``.
+        ``amp`` (auto | off | bf16 | fp16) sets the precision; by default the model's ``train.amp``
+        (auto: bf16 or fp16 on CUDA, float32 on a CPU)."""
         from capcli.training.runtime import autocast_dtype
 
         device = _device(device)
+        if amp is not None:
+            autocast_dtype(amp, device)  # a bad value fails before the model is read
         model, vocab, cfg, state = load_captioner(source, device)
         data = state["data"]
         size = int(data.get("image_size") or cfg.model.image_size or 224)
         return cls(model, vocab, cfg, size, data.get("resize", "squash"), device,
-                   autocast_dtype(cfg.train.amp, device), int(data.get("max_length") or 50), str(source))
+                   autocast_dtype(cfg.train.amp if amp is None else amp, device), int(data.get("max_length") or 50),
+                   str(source))
 
     def preprocess(self, images: Iterable[ImageLike]) -> torch.Tensor:
         """uint8 (B, 3, S, S) on the model's device, as the model was trained to see them."""

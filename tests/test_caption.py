@@ -77,6 +77,42 @@ def test_the_default_batch_is_the_devices(runner, tiny_run, photos, tmp_path, mo
     assert batches == [4, 4, 1]
 
 
+def test_amp_sets_the_precision_of_the_api_the_cli_and_evaluate(runner, tiny_run, tiny_data, photos, tmp_path,
+                                                                monkeypatch):
+    """--amp (and Captioner.load's amp) overrides the model's train.amp: bf16 on the CPU runs the
+    products in bf16 and says so in eval.json; the default stays float32 on a CPU; bad values fail
+    before the model is read."""
+    import capcli.evaluate
+
+    assert Captioner.load(tiny_run, device="cpu").amp_dtype is None  # train.amp auto: float32 on a CPU
+    cap = Captioner.load(tiny_run, device="cpu", amp="bf16")
+    assert cap.amp_dtype is torch.bfloat16
+    files = sorted(photos.glob("p*.png"))
+    api = cap.caption(files, beam=2)
+    seen = []
+    real = capcli.evaluate.generate
+    monkeypatch.setattr(capcli.evaluate, "generate", lambda *a, **kw: seen.append(kw["amp_dtype"]) or real(*a, **kw))
+    out = tmp_path / "c.jsonl"
+    invoke(runner, ["caption", tiny_run, *files, "--beam", 2, "--amp", "bf16", "--output", out, "--device", "cpu", "-q"])
+    assert [r["caption"] for r in rows_of(out)] == api and set(seen) == {torch.bfloat16}
+    seen.clear()
+    invoke(runner, ["caption", tiny_run, files[0], "--device", "cpu", "-q"])
+    assert seen == [None]
+    for flag, message in (("fp8", "use auto, off, bf16 or fp16"), ("fp16", "on the CPU use bf16")):
+        result = invoke(runner, ["caption", tiny_run, files[0], "--amp", flag, "--device", "cpu"], code=1)
+        assert message in result.output
+        with pytest.raises(Exception, match=message):
+            Captioner.load(tiny_run, device="cpu", amp=flag)
+    for amp, name in (("bf16", "bf16"), (None, "off")):
+        ev = tmp_path / f"ev-{name}" / "eval.json"
+        invoke(runner, ["evaluate", tiny_run, "--data", tiny_data, "--max-images", 3, "--beam", 2, "--no-meteor",
+                        "--output", ev, "--device", "cpu", "-q", *(["--amp", amp] if amp else [])])
+        assert json.loads(ev.read_text())["amp"] == name
+    result = invoke(runner, ["evaluate", "--results", tmp_path / "ev-off" / "captions.json", "--data", tiny_data,
+                             "--amp", "bf16"], code=1)
+    assert "--amp" in result.output
+
+
 def test_jsonl_streams_in_input_order_with_errors_as_rows(runner, tiny_run, photos, tmp_path):
     out = tmp_path / "all.jsonl"
     invoke(runner, ["caption", tiny_run, photos, "--output", out, "--batch-size", 4, "--workers", 2,

@@ -14,7 +14,7 @@ from capcli.report import console, make_progress, table, write_json
 app = typer.Typer(help="Benchmarks: encoders, decoding, training steps, preparing, the paper's study grid.",
                   no_args_is_help=True)
 
-AmpOpt = Annotated[str, typer.Option("--amp", help="Mixed precision on CUDA: auto | off | bf16 | fp16 (CPU: off).")]
+AmpOpt = Annotated[str, typer.Option("--amp", help="Precision: auto | off | bf16 | fp16. auto: bf16 (fp16 where bf16 is missing) on CUDA, float32 on a CPU; bf16 also runs on a CPU (fast with AMX or AVX512-BF16).")]
 StepsOpt = Annotated[int, typer.Option("--steps", min=1, help="Timed iterations.")]
 WarmupOpt = Annotated[int, typer.Option("--warmup", min=0, help="Untimed warm-up iterations first.")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", min=0, help="CPU threads for torch (0 = torch's default; fewer can be faster on a busy machine).")]
