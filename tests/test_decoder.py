@@ -361,3 +361,33 @@ def test_teacher_forced_pass_without_gradients_equals_the_training_pass(setup, l
     assert calls == [1]
     torch.testing.assert_close(logits, ref_logits.detach(), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(alphas, ref_alphas.detach(), rtol=1e-10, atol=1e-10)
+
+
+def test_inference_step_forms_the_attention_mlp_in_float32_on_a_cpu_under_autocast(monkeypatch):
+    """Under CPU autocast the products run in bf16, but relu(enc_proj + query) . w runs in float32
+    (the CPU's elementwise kernels are faster there, and it is closer to full precision), from a
+    cast of enc_proj made once and reused for its leading rows (the teacher-forced pass)."""
+    from capcli.models.decoder import InferenceStep
+
+    torch.manual_seed(4)
+    dec = Decoder(vocab_size=40, enc_dim=16, emb_dim=8, att_dim=12, dec_dim=10, dropout=0.0).eval()
+    feats = torch.randn(6, 9, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        proj = dec.attention.project(feats)
+        step = InferenceStep(dec)
+        query = torch.randn(6, 2, 1, 12).bfloat16()
+        assert proj.dtype == torch.bfloat16
+        ref = torch.mv(torch.relu(proj.float().unsqueeze(1) + query.float()).view(-1, 12),
+                       dec.attention.full_att.weight.view(-1))
+        for block in (1 << 20, 1):  # all images in one block, and a block per image
+            monkeypatch.setattr(InferenceStep, "CPU_BLOCK_BYTES", block)
+            out = step._scores(proj, query)
+            assert out.dtype == torch.float32
+            torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)  # float32 rounding only
+        cast = step._float32(proj)
+        assert step._float32(proj) is cast or step._float32(proj).data_ptr() == cast.data_ptr()
+        prefix = step._float32(proj[:4])
+        assert prefix.shape[0] == 4 and prefix.data_ptr() == cast.data_ptr()
+        copy = proj.clone()  # another tensor: cast afresh
+        assert step._float32(copy).data_ptr() != cast.data_ptr()
+        torch.testing.assert_close(step._float32(copy), proj.float(), rtol=0, atol=0)

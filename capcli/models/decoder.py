@@ -229,17 +229,39 @@ class InferenceStep:
         h = torch.sigmoid(o) * torch.tanh(c)
         return h, c, alpha
 
+    def _float32(self, enc_proj: torch.Tensor) -> torch.Tensor:
+        """``enc_proj`` in float32, cast once per decode rather than at every step: the cast of
+        the last tensor seen is held (with that tensor, so its memory is not reused), and serves
+        it and its leading rows (the teacher-forced pass runs ``enc_proj[:r]``)."""
+        if enc_proj.dtype == torch.float32:
+            return enc_proj
+        held = self.__dict__.get("_proj32")
+        if held is not None:
+            source, cast = held
+            if enc_proj is source or (enc_proj.data_ptr() == source.data_ptr() and enc_proj.dtype == source.dtype
+                                      and enc_proj.shape[1:] == source.shape[1:]
+                                      and enc_proj.stride() == source.stride()
+                                      and enc_proj.size(0) <= source.size(0)):
+                return cast[: enc_proj.size(0)]
+        cast = enc_proj.float()
+        self._proj32 = (enc_proj, cast)
+        return cast
+
     def _scores(self, enc_proj: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """(images * k * P,) attention scores before the bias: relu(enc_proj + query) . w_full,
         with enc_proj (images, P, A) and query (images, k, 1, A)."""
         images, regions, dim = enc_proj.shape
         k = query.size(1)
         dtype = torch.promote_types(enc_proj.dtype, query.dtype)
+        cpu = enc_proj.device.type == "cpu"
+        if cpu and dtype != torch.float64:  # the CPU's elementwise kernels run float32 faster than half precision
+            dtype = torch.float32
+            enc_proj, query = self._float32(enc_proj), query.float()
         w = self.w_full.to(dtype)
-        per_image = k * regions * dim * enc_proj.element_size()
+        per_image = k * regions * dim * torch.empty((), dtype=dtype).element_size()
         block = max(1, self.CPU_BLOCK_BYTES // per_image)
-        if enc_proj.device.type != "cpu" or block >= images:
-            pre = torch.relu_(enc_proj.unsqueeze(1) + query)
+        if not cpu or block >= images:
+            pre = torch.relu_(enc_proj.unsqueeze(1).to(dtype) + query)
             return torch.mv(pre.view(-1, dim), w)
         buf = torch.empty(block, k, regions, dim, dtype=dtype, device=enc_proj.device)
         parts = []
