@@ -44,22 +44,35 @@ def beam_search(decoder: Decoder, feats: torch.Tensor, *, start: int, end: int, 
     step = _stepper(decoder, b * k, max_length + 1)
     proj = decoder.attention.project(feats)
     h, c = decoder.init_state(feats)
-    h, c = h.repeat_interleave(k, dim=0), c.repeat_interleave(k, dim=0)
     grouped = getattr(step, "grouped", False)
-    if not grouped:  # a plain step wants the features once per beam
-        feats, proj = feats.repeat_interleave(k, dim=0), proj.repeat_interleave(k, dim=0)
-
-    scores = torch.zeros(b, k, device=device)
-    scores[:, 1:] = float("-inf")  # all beams start identical: expand the first one only
-    finished = torch.zeros(b, k, dtype=torch.bool, device=device)
-    seqs = torch.empty(b, k, 0, dtype=torch.long, device=device)
-    alphas = torch.empty(b, k, 0, p, device=device) if return_alphas else None
     frozen = torch.full((v,), float("-inf"), device=device)
     frozen[pad] = 0.0  # a finished beam may only add <pad>, at no cost
     cut = torch.full((v,), float("-inf"), device=device)
     cut[end] = 0.0  # at the length limit an open beam is closed, at no cost (truncation)
     banned = torch.tensor([pad, start], device=device)  # never emitted by an open caption
-    tokens = torch.full((b * k,), start, dtype=torch.long, device=device)
+    first = 0
+    if grouped and 1 < k <= v and max_length > 0:
+        # all beams start identical: the first word is chosen from one row per image, and its k
+        # likeliest words start the k beams (what expanding only the first beam gives)
+        h, c, alpha = step(torch.full((b,), start, dtype=torch.long, device=device), feats, proj, h, c)
+        logits = decoder.logits(h).float().index_fill_(1, banned, float("-inf"))
+        scores, token = torch.log_softmax(logits, dim=-1).topk(k, dim=1)
+        finished = token == end
+        seqs = token.unsqueeze(2)
+        alphas = alpha.float()[:, None, None, :].expand(b, k, 1, p).contiguous() if return_alphas else None
+        h, c = h.repeat_interleave(k, dim=0), c.repeat_interleave(k, dim=0)
+        tokens = token.view(-1)
+        first = 1
+    else:
+        h, c = h.repeat_interleave(k, dim=0), c.repeat_interleave(k, dim=0)
+        if not grouped:  # a plain step wants the features once per beam
+            feats, proj = feats.repeat_interleave(k, dim=0), proj.repeat_interleave(k, dim=0)
+        scores = torch.zeros(b, k, device=device)
+        scores[:, 1:] = float("-inf")  # all beams start identical: expand the first one only
+        finished = torch.zeros(b, k, dtype=torch.bool, device=device)
+        seqs = torch.empty(b, k, 0, dtype=torch.long, device=device)
+        alphas = torch.empty(b, k, 0, p, device=device) if return_alphas else None
+        tokens = torch.full((b * k,), start, dtype=torch.long, device=device)
     offsets = (torch.arange(b, device=device) * k).unsqueeze(1)
     # Images whose beams have all ended leave the batch (their beams would only add <pad> at no
     # cost): ``images`` maps the rows still decoding to the batch, ``done`` keeps the others.
@@ -67,7 +80,7 @@ def beam_search(decoder: Decoder, feats: torch.Tensor, *, start: int, end: int, 
     done: list[tuple] = []
     n = b  # images still decoding
 
-    for t in range(max_length + 1):
+    for t in range(first, max_length + 1):
         h, c, alpha = step(tokens, feats, proj, h, c)
         if t == max_length:
             logp = cut.expand(n, k, v)

@@ -123,17 +123,24 @@ def test_real_decoder_beam_one_equals_greedy_argmax_loop():
     assert res.tokens == outs
 
 
-@pytest.mark.parametrize("beam", [1, 4])
+@pytest.mark.parametrize("beam", [1, 4, 30])
 def test_real_decoder_fused_beam_search_equals_the_plain_step(beam, monkeypatch):
     """The fused step reads each image's features once for all its beams (a CPU: in blocks of
-    images); the plain per-row step reads them repeated per beam. Same captions, same scores."""
+    images) and takes the first word from one row per image (all beams start identical); the
+    plain per-row step reads the features repeated per beam and expands the first beam of k.
+    Same captions, same scores, same attention (beam 30: as many beams as words)."""
     from capcli.models.decoder import Decoder, InferenceStep
 
     torch.manual_seed(1)
     dec = Decoder(vocab_size=30, enc_dim=8, emb_dim=8, att_dim=8, dec_dim=8, dropout=0.0).double().eval()
     feats = torch.randn(5, 4, 8, dtype=torch.float64)
     monkeypatch.setattr(InferenceStep, "CPU_BLOCK_BYTES", 1)  # one image per block
+    rows = []
+    real_call = InferenceStep.__call__
+    monkeypatch.setattr(InferenceStep, "__call__", lambda self, tokens, *a: rows.append(tokens.numel())
+                        or real_call(self, tokens, *a))
     fused = beam_search(dec, feats, start=START, end=END, pad=PAD, beam_size=beam, max_length=7, return_alphas=True)
+    assert rows[:2] == [5, 5 * beam]  # the first word from one row per image, then a row per beam
     monkeypatch.setattr(Decoder, "stepper", None)  # decode.py falls back to Decoder.step
     plain = beam_search(dec, feats, start=START, end=END, pad=PAD, beam_size=beam, max_length=7, return_alphas=True)
     assert fused.tokens == plain.tokens
