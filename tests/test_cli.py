@@ -239,6 +239,15 @@ def test_evaluate_a_frozen_encoder_caches_the_test_features(runner, tiny_data, t
                             alpha_c=cfg.train.alpha_c, meteor=False)
     assert cached["loss"] == pytest.approx(direct["loss"], rel=1e-2)  # float16 features on disk
     assert cached["images"] == direct["images"]
+    # features made under bf16 autocast are a cache of their own: a float32 evaluation never reads them
+    made = (tiny_data / "features").glob("convnext_atto-*/test.h5")
+    before = {p: p.stat().st_mtime_ns for p in made}
+    bf16 = tmp_path / "ev-bf16" / "eval.json"
+    invoke(runner, ["evaluate", tmp_path / "fz", "--data", tiny_data, "--split", "test", "--beam", 2, "--amp", "bf16",
+                    "--output", bf16, "--device", "cpu", "-q", "--no-meteor"])
+    assert len(list((tiny_data / "features").glob("convnext_atto-*/test-bf16.h5"))) == 1
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert json.loads(bf16.read_text())["loss"] == pytest.approx(cached["loss"], rel=0.05)
 
 
 def test_caption_sampling_and_ngram_blocking(runner, tiny_run, tmp_path):

@@ -38,7 +38,7 @@ def test_frozen_encoder_cache_on_the_gpu(tiny_data, tmp_path):
 
     summary = train(cfg_for(tiny_data, tmp_path, "run.name=frozen", "model.finetune=false", "train.amp=bf16"), GPU)
     assert summary["history"][0]["val_bleu4"] is not None
-    assert list((tiny_data / "features").glob("*/train.h5"))
+    assert list((tiny_data / "features").glob("*/train-bf16.h5"))  # made under bf16 autocast
 
 
 def test_exact_resume_on_the_gpu(tiny_data, tmp_path):

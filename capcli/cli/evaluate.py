@@ -113,7 +113,7 @@ def frozen_features(model, dataset, device, amp_dtype, batch_size: int, bar):
 
     from capcli.data.features import build_cache, cache_dir, cache_file
 
-    path = cache_file(cache_dir(dataset.dir, model.encoder), dataset)
+    path = cache_file(cache_dir(dataset.dir, model.encoder), dataset, amp_dtype)
     if path.is_file():
         return path
     if not os.access(dataset.dir, os.W_OK):

@@ -3,8 +3,10 @@ beside the dataset under ``features/``, so training the decoder (and validating 
 backbone again.
 
 ``features/<encoder>-<fingerprint>/<split>.h5`` (or ``<split>-first<N>.h5`` for the first N images
-of a split): the fingerprint covers everything the features depend on (encoder name, a checksum of
-its weights, grid, image size), so a changed encoder never reads stale features.
+of a split, and ``-bf16`` / ``-fp16`` before ``.h5`` for features made under autocast): the
+fingerprint covers everything the features depend on (encoder name, a checksum of its weights, grid,
+image size) and the name the precision they were made in, so a changed encoder never reads stale
+features and a float32 evaluation never reads bf16-made ones.
 
 A cache is written to ``<name>.partial`` and renamed when complete, so only finished files are read.
 The partial file records how many images it holds: a stopped pass (a time budget, a kill) continues
@@ -42,12 +44,14 @@ def cache_dir(data_dir: str | Path, encoder) -> Path:
     return Path(data_dir) / "features" / f"{encoder.name}-{encoder_fingerprint(encoder)}"
 
 
-def cache_file(folder: Path, dataset: CaptionDataset) -> Path:
-    """The cache of ``dataset`` (a split, perhaps limited to its first images) in ``folder``."""
+def cache_file(folder: Path, dataset: CaptionDataset, amp_dtype: torch.dtype | None = None) -> Path:
+    """The cache of ``dataset`` (a split, perhaps limited to its first images) in ``folder``, made
+    in full precision or under autocast at ``amp_dtype``."""
     with h5py.File(dataset.path, "r") as f:
         split_images = int(f["images"].shape[0])
     suffix = "" if len(dataset) == split_images else f"-first{len(dataset)}"
-    return folder / f"{dataset.split}{suffix}.h5"
+    precision = {None: "", torch.bfloat16: "-bf16", torch.float16: "-fp16"}[amp_dtype]
+    return folder / f"{dataset.split}{suffix}{precision}.h5"
 
 
 def _open_partial(tmp: Path, n: int) -> tuple[h5py.File | None, int]:

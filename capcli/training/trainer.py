@@ -270,8 +270,8 @@ class Trainer:
     def _build_caches(self) -> bool:
         """Encode the train and val images once (rank 0). False when the budget ran out first."""
         folder = cache_dir(self.cfg.data.dir, self.model.encoder)
-        self.train_cache = cache_file(folder, self.train_set)
-        self.val_cache = cache_file(folder, self.val_set)
+        self.train_cache = cache_file(folder, self.train_set, self.amp_dtype)
+        self.val_cache = cache_file(folder, self.val_set, self.amp_dtype)
         complete = True
         if self.d.main:
             deadline = time.perf_counter() + self.budget - self.elapsed() if math.isfinite(self.budget) else None
