@@ -366,7 +366,7 @@ def test_teacher_forced_pass_without_gradients_equals_the_training_pass(setup, l
 def test_inference_step_forms_the_attention_mlp_in_float32_on_a_cpu_under_autocast(monkeypatch):
     """Under CPU autocast the products run in bf16, but relu(enc_proj + query) . w runs in float32
     (the CPU's elementwise kernels are faster there, and it is closer to full precision), from a
-    cast of enc_proj made once and reused for its leading rows (the teacher-forced pass)."""
+    cast of enc_proj made once per decode."""
     from capcli.models.decoder import InferenceStep
 
     torch.manual_seed(4)
@@ -385,9 +385,7 @@ def test_inference_step_forms_the_attention_mlp_in_float32_on_a_cpu_under_autoca
             assert out.dtype == torch.float32
             torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)  # float32 rounding only
         cast = step._float32(proj)
-        assert step._float32(proj) is cast or step._float32(proj).data_ptr() == cast.data_ptr()
-        prefix = step._float32(proj[:4])
-        assert prefix.shape[0] == 4 and prefix.data_ptr() == cast.data_ptr()
-        copy = proj.clone()  # another tensor: cast afresh
-        assert step._float32(copy).data_ptr() != cast.data_ptr()
+        assert step._float32(proj) is cast  # cast once, not at every step
+        copy = proj.clone()  # another tensor (a compacted batch): cast afresh
+        assert step._float32(copy) is not cast
         torch.testing.assert_close(step._float32(copy), proj.float(), rtol=0, atol=0)

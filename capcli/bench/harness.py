@@ -43,6 +43,7 @@ import torch
 
 from capcli.errors import UserError
 from capcli.training.memory import free_memory, is_out_of_memory  # noqa: F401  (re-exported for the benchmarks)
+from capcli.training.runtime import amp_name  # noqa: F401  (re-exported for the benchmarks)
 
 # progress(phase, done, total): e.g. ("train", 3, 13), counting warm-up and timed iterations
 ProgressFn = Callable[[str, int, int], None]
@@ -185,10 +186,6 @@ def with_oom_retry(run: Callable[[int], dict], size: int, device: torch.device, 
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def amp_name(dtype) -> str:
-    return {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-
 
 def random_images(n: int, image_size: int, device: torch.device, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)

@@ -18,9 +18,8 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only result
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")]
 ModelAmpOpt = Annotated[Optional[str], typer.Option(
     "--amp", help="Precision: auto | off | bf16 | fp16 (default: the model's train.amp). auto: bf16 "
-                  "(fp16 where bf16 is missing) on CUDA, float32 on a CPU. bf16 on a CPU with AMX or "
-                  "AVX512-BF16 (recent Xeons) captions about 1.7x faster; its captions may differ "
-                  "slightly from float32's.")]
+                  "(fp16 where bf16 is missing) on CUDA, float32 on a CPU. bf16 also runs on a CPU, faster "
+                  "where it has AMX (recent Xeons); its captions may differ slightly from float32's.")]
 
 
 def resolve_device(spec: str):

@@ -43,7 +43,7 @@ def evaluate(
     """
     from capcli.data.dataset import CaptionDataset
     from capcli.evaluate import default_batch_size, evaluate_model, score_results
-    from capcli.training.runtime import autocast_dtype
+    from capcli.training.runtime import amp_name, autocast_dtype
 
     if results is not None:
         if amp is not None:
@@ -61,8 +61,6 @@ def evaluate(
         return
     if checkpoint is None:
         raise UserError("give a CHECKPOINT (file or run dir) or --results captions.json")
-    import torch
-
     from capcli.api import load_captioner
 
     t_start = time.perf_counter()
@@ -89,7 +87,7 @@ def evaluate(
                                 progress=lambda done, n: bar.update(task, completed=done))
     captions = scores.pop("captions")
     scores.update({"checkpoint": str(checkpoint), "data": str(data), "split": split,
-                   "amp": {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]})
+                   "amp": amp_name(amp_dtype)})
     # load: checkpoint and model; feature_cache: a frozen encoder's cache of this split, made on
     # the first evaluation only; total: the command from its start (Python's imports before it)
     scores["seconds"] = {"load": round(load_s, 3), "feature_cache": round(cache_s, 3), **scores["seconds"],

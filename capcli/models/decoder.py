@@ -231,21 +231,15 @@ class InferenceStep:
 
     def _float32(self, enc_proj: torch.Tensor) -> torch.Tensor:
         """``enc_proj`` in float32, cast once per decode rather than at every step: the cast of
-        the last tensor seen is held (with that tensor, so its memory is not reused), and serves
-        it and its leading rows (the teacher-forced pass runs ``enc_proj[:r]``)."""
+        the last tensor seen is held, with that tensor (so its memory cannot be reused by another
+        while held); a beam search's compaction gives a new tensor, cast once more."""
         if enc_proj.dtype == torch.float32:
             return enc_proj
         held = self.__dict__.get("_proj32")
-        if held is not None:
-            source, cast = held
-            if enc_proj is source or (enc_proj.data_ptr() == source.data_ptr() and enc_proj.dtype == source.dtype
-                                      and enc_proj.shape[1:] == source.shape[1:]
-                                      and enc_proj.stride() == source.stride()
-                                      and enc_proj.size(0) <= source.size(0)):
-                return cast[: enc_proj.size(0)]
-        cast = enc_proj.float()
-        self._proj32 = (enc_proj, cast)
-        return cast
+        if held is None or held[0] is not enc_proj:
+            held = (enc_proj, enc_proj.float())
+            self._proj32 = held
+        return held[1]
 
     def _scores(self, enc_proj: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """(images * k * P,) attention scores before the bias: relu(enc_proj + query) . w_full,

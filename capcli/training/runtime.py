@@ -116,6 +116,11 @@ def autocast_dtype(amp, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
+def amp_name(dtype: torch.dtype | None) -> str:
+    """The ``amp`` value that :func:`autocast_dtype` resolves to ``dtype``: off, bf16 or fp16."""
+    return {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on (its affinity mask, e.g. under taskset, SLURM or a container)."""
     try:
