@@ -100,14 +100,14 @@ class Captioner:
         from capcli.training.runtime import autocast_dtype
 
         device = _device(device)
-        if amp is not None:
-            autocast_dtype(amp, device)  # a bad value fails before the model is read
+        amp_dtype = autocast_dtype(amp, device) if amp is not None else None  # a bad value fails before the model is read
         model, vocab, cfg, state = load_captioner(source, device)
+        if amp is None:  # the model's own precision
+            amp_dtype = autocast_dtype(cfg.train.amp, device)
         data = state["data"]
         size = int(data.get("image_size") or cfg.model.image_size or 224)
-        return cls(model, vocab, cfg, size, data.get("resize", "squash"), device,
-                   autocast_dtype(cfg.train.amp if amp is None else amp, device), int(data.get("max_length") or 50),
-                   str(source))
+        return cls(model, vocab, cfg, size, data.get("resize", "squash"), device, amp_dtype,
+                   int(data.get("max_length") or 50), str(source))
 
     def preprocess(self, images: Iterable[ImageLike]) -> torch.Tensor:
         """uint8 (B, 3, S, S) on the model's device, as the model was trained to see them."""

@@ -50,21 +50,24 @@ def beam_search(decoder: Decoder, feats: torch.Tensor, *, start: int, end: int, 
     cut = torch.full((v,), float("-inf"), device=device)
     cut[end] = 0.0  # at the length limit an open beam is closed, at no cost (truncation)
     banned = torch.tensor([pad, start], device=device)  # never emitted by an open caption
+
+    def word_logp(h: torch.Tensor) -> torch.Tensor:
+        # index_fill_ with an index already on the device: a list index would be copied from
+        # host memory at every step (a synchronising copy on a GPU)
+        return torch.log_softmax(decoder.logits(h).float().index_fill_(1, banned, float("-inf")), dim=-1)
+
     first = 0
     if grouped and 1 < k <= v and max_length > 0:
         # all beams start identical: the first word is chosen from one row per image, and its k
         # likeliest words start the k beams (what expanding only the first beam gives)
         h, c, alpha = step(torch.full((b,), start, dtype=torch.long, device=device), feats, proj, h, c)
-        logits = decoder.logits(h).float().index_fill_(1, banned, float("-inf"))
-        scores, token = torch.log_softmax(logits, dim=-1).topk(k, dim=1)
+        scores, token = word_logp(h).topk(k, dim=1)
         finished = token == end
         seqs = token.unsqueeze(2)
         alphas = alpha.float()[:, None, None, :].expand(b, k, 1, p).contiguous() if return_alphas else None
-        h, c = h.repeat_interleave(k, dim=0), c.repeat_interleave(k, dim=0)
         tokens = token.view(-1)
         first = 1
     else:
-        h, c = h.repeat_interleave(k, dim=0), c.repeat_interleave(k, dim=0)
         if not grouped:  # a plain step wants the features once per beam
             feats, proj = feats.repeat_interleave(k, dim=0), proj.repeat_interleave(k, dim=0)
         scores = torch.zeros(b, k, device=device)
@@ -73,6 +76,7 @@ def beam_search(decoder: Decoder, feats: torch.Tensor, *, start: int, end: int, 
         seqs = torch.empty(b, k, 0, dtype=torch.long, device=device)
         alphas = torch.empty(b, k, 0, p, device=device) if return_alphas else None
         tokens = torch.full((b * k,), start, dtype=torch.long, device=device)
+    h, c = h.repeat_interleave(k, dim=0), c.repeat_interleave(k, dim=0)
     offsets = (torch.arange(b, device=device) * k).unsqueeze(1)
     # Images whose beams have all ended leave the batch (their beams would only add <pad> at no
     # cost): ``images`` maps the rows still decoding to the batch, ``done`` keeps the others.
@@ -85,10 +89,7 @@ def beam_search(decoder: Decoder, feats: torch.Tensor, *, start: int, end: int, 
         if t == max_length:
             logp = cut.expand(n, k, v)
         else:
-            # index_fill_ with an index already on the device: a list index would be copied from
-            # host memory at every step (a synchronising copy on a GPU)
-            logits = decoder.logits(h).float().index_fill_(1, banned, float("-inf"))
-            logp = torch.log_softmax(logits, dim=-1)
+            logp = word_logp(h)
             if block_ngrams and seqs.size(2) >= block_ngrams:
                 logp = logp.masked_fill(repeated_ngram(seqs.view(n * k, -1), block_ngrams, v), float("-inf"))
             logp = logp.view(n, k, v)

@@ -85,6 +85,7 @@ def evaluate_model(model, dataset: CaptionDataset, device: torch.device, *, beam
     """
     from capcli.metrics import MeteorProcess, start_meteor
     from capcli.training.objectives import XEObjective
+    from capcli.training.runtime import amp_name
 
     # METEOR's JVM and paraphrase tables load (~10 s) while the captions are decoded
     meteor_proc = start_meteor() if score and meteor is not False else None
@@ -115,6 +116,7 @@ def evaluate_model(model, dataset: CaptionDataset, device: torch.device, *, beam
         "images": len(hyps),
         "beam_size": beam_size,
         "block_ngrams": block_ngrams,
+        "amp": amp_name(amp_dtype),
         "captions_per_s": len(hyps) / max(decode_seconds, 1e-9),
         # where the time went: encoder (or cached features), beam search, teacher-forced pass,
         # metrics (METEOR included: the wait for its process, started before decoding)

@@ -43,7 +43,7 @@ def evaluate(
     """
     from capcli.data.dataset import CaptionDataset
     from capcli.evaluate import default_batch_size, evaluate_model, score_results
-    from capcli.training.runtime import amp_name, autocast_dtype
+    from capcli.training.runtime import autocast_dtype
 
     if results is not None:
         if amp is not None:
@@ -66,13 +66,13 @@ def evaluate(
     t_start = time.perf_counter()
     dev = resolve_device(device)
     batch_size = batch_size or default_batch_size(dev)
-    if amp is not None:
-        autocast_dtype(amp, dev)  # a bad value fails before the model is read
+    amp_dtype = autocast_dtype(amp, dev) if amp is not None else None  # a bad value fails before the model is read
     model, vocab, cfg, ckpt = load_captioner(checkpoint, dev)
+    if amp is None:  # the model's own precision
+        amp_dtype = autocast_dtype(cfg.train.amp, dev)
     load_s = time.perf_counter() - t_start
     data = data or Path(ckpt.get("data", {}).get("dir", cfg.data.dir))
     dataset = CaptionDataset(data, split, max_images=max_images)
-    amp_dtype = autocast_dtype(cfg.train.amp if amp is None else amp, dev)
     with make_progress(quiet) as bar:
         features = None
         t0 = time.perf_counter()
@@ -86,8 +86,7 @@ def evaluate(
                                 block_ngrams=block_ngrams,
                                 progress=lambda done, n: bar.update(task, completed=done))
     captions = scores.pop("captions")
-    scores.update({"checkpoint": str(checkpoint), "data": str(data), "split": split,
-                   "amp": amp_name(amp_dtype)})
+    scores.update({"checkpoint": str(checkpoint), "data": str(data), "split": split})
     # load: checkpoint and model; feature_cache: a frozen encoder's cache of this split, made on
     # the first evaluation only; total: the command from its start (Python's imports before it)
     scores["seconds"] = {"load": round(load_s, 3), "feature_cache": round(cache_s, 3), **scores["seconds"],

@@ -38,7 +38,6 @@ def quickstart(
     from capcli.data.prepare import write_dataset
     from capcli.data.synthetic import records, render, save_png
     from capcli.evaluate import evaluate_model, score_results
-    from capcli.training.runtime import amp_name
     from capcli.api import Captioner
     from capcli.cli.prepare import run_with_progress
     from capcli.cli.train import training_progress
@@ -72,7 +71,6 @@ def quickstart(
     test = CaptionDataset(data_dir, "test")
     scores = evaluate_model(captioner.model, test, dev, beam_size=beam, vocab=captioner.vocab,
                             amp_dtype=captioner.amp_dtype)  # the model's precision, as `capcli evaluate`
-    scores["amp"] = amp_name(captioner.amp_dtype)
     captions = scores.pop("captions")
     eval_dir = run_dir / "eval-test"
     write_json(eval_dir / "eval.json", scores)

@@ -47,10 +47,11 @@ def cache_dir(data_dir: str | Path, encoder) -> Path:
 def cache_file(folder: Path, dataset: CaptionDataset, amp_dtype: torch.dtype | None = None) -> Path:
     """The cache of ``dataset`` (a split, perhaps limited to its first images) in ``folder``, made
     in full precision or under autocast at ``amp_dtype``."""
+    from capcli.training.runtime import amp_name  # here: capcli.training imports this module
     with h5py.File(dataset.path, "r") as f:
         split_images = int(f["images"].shape[0])
     suffix = "" if len(dataset) == split_images else f"-first{len(dataset)}"
-    precision = {None: "", torch.bfloat16: "-bf16", torch.float16: "-fp16"}[amp_dtype]
+    precision = "" if amp_dtype is None else f"-{amp_name(amp_dtype)}"
     return folder / f"{dataset.split}{suffix}{precision}.h5"
 
 

@@ -252,10 +252,10 @@ class InferenceStep:
             dtype = torch.float32
             enc_proj, query = self._float32(enc_proj), query.float()
         w = self.w_full.to(dtype)
-        per_image = k * regions * dim * torch.empty((), dtype=dtype).element_size()
+        per_image = k * regions * dim * dtype.itemsize
         block = max(1, self.CPU_BLOCK_BYTES // per_image)
         if not cpu or block >= images:
-            pre = torch.relu_(enc_proj.unsqueeze(1).to(dtype) + query)
+            pre = torch.relu_(enc_proj.unsqueeze(1) + query)
             return torch.mv(pre.view(-1, dim), w)
         buf = torch.empty(block, k, regions, dim, dtype=dtype, device=enc_proj.device)
         parts = []
