@@ -166,6 +166,12 @@ def test_quickstart_end_to_end(runner, tmp_path):
     assert (out / "runs" / "tiny" / "checkpoints" / "best.pt").is_file()
 
 
+def test_quickstart_checks_its_overrides_before_making_data(runner, tmp_path):
+    result = invoke(runner, ["quickstart", "--out", tmp_path / "qs", "train.lrr=1", "--device", "cpu"], code=1)
+    assert "unknown config key 'train.lrr'. Did you mean 'train.lr'?" in result.output
+    assert not (tmp_path / "qs" / "data").exists()
+
+
 def test_benchmark_study_runs_every_combination_and_resumes(runner, tiny_data, tmp_path):
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump({

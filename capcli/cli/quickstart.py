@@ -48,6 +48,11 @@ def quickstart(
     data_dir = out / "data"
     step = lambda n, text: err_console.print(f"\n[bold cyan]{n}/4[/] {text}") if not quiet else None
 
+    # the config first: a bad override fails before any data is made
+    cfg = load_config("tiny", [f"data.dir={data_dir}", f"run.dir={out / 'runs'}", "run.name=tiny",
+                               "run.overwrite=true", *([f"train.epochs={epochs}"] if epochs else []),
+                               *(overrides or [])])
+
     step(1, f"prepare: {images} synthetic scenes at {size} px -> {data_dir}")
     recs = records(images, 0)
     settings = dict(records=recs, out_dir=data_dir, source="synthetic", image_size=size, loader=render,
@@ -58,9 +63,6 @@ def quickstart(
         run_with_progress(quiet, write_dataset, overwrite=True, **settings)
 
     step(2, "train: configs/tiny.yaml (convnext_atto from scratch + attention LSTM)")
-    cfg = load_config("tiny", [f"data.dir={data_dir}", f"run.dir={out / 'runs'}", "run.name=tiny",
-                               "run.overwrite=true", *([f"train.epochs={epochs}"] if epochs else []),
-                               *(overrides or [])])
 
     with make_progress(quiet) as bar:
         summary = run_training(cfg, dev, progress=training_progress(bar, quiet))
