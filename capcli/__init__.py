@@ -4,7 +4,8 @@ The Python API is :class:`capcli.Captioner` (imported on first use, so that ``im
 stays light for the command line).
 """
 
-__version__ = "0.1.0"
+from capcli.version import __version__
+
 __all__ = ["Captioner", "__version__"]
 
 

@@ -1,4 +1,5 @@
-"""The Python API: a trained captioner in one line, the same engine as `capcli caption`/`evaluate`.
+"""The Python API: a trained captioner in one line, the same engine as `capcli caption` and
+`capcli evaluate`.
 
     from capcli import Captioner
     cap = Captioner.load("runs/coco")           # run dir, checkpoint file, model folder, "hf-hub:user/name"
@@ -18,28 +19,29 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from capcli import checkpoint
 from capcli.config import Config, config_from_dict
 from capcli.data.vocab import Vocab
+from capcli.decode import DecodeOptions, default_batch_size, generate
 from capcli.errors import UserError
+from capcli.models.captioner import CaptionModel
+from capcli.runtime import autocast_dtype, resolve_device
+from capcli.store.folder import read_model
+from capcli.version import __version__
 
 ImageLike = Any  # a path (str | Path), a PIL image, a uint8 array/tensor (H, W, 3) or (3, H, W)
 
 
-def load_captioner(source: str | Path, device: torch.device | str = "cpu"):
+def load_model(source: str | Path, device: torch.device | str = "cpu") -> tuple[CaptionModel, Vocab, Config, dict]:
     """(model in eval mode on ``device``, vocab, config, state) from any MODEL source (see
-    :func:`capcli.checkpoint.read_model`)."""
-    from capcli.models.captioner import Captioner as CaptionerModel
-
-    import capcli
-
-    state = checkpoint.read_model(source)
+    :func:`capcli.store.folder.read_model`), with a one-line UserError for a model this capcli
+    cannot build."""
+    state = read_model(source)
     made_by = state.get("capcli_version", "?")
-    versions = f"made by capcli {made_by}, this is capcli {capcli.__version__}"
+    versions = f"made by capcli {made_by}, this is capcli {__version__}"
     try:
-        cfg: Config = config_from_dict(state["config"])
+        cfg = config_from_dict(state["config"])
         vocab = Vocab(state["vocab"])
-        model = CaptionerModel(cfg.model, len(vocab), pretrained=False)  # weights come from the state dict
+        model = CaptionModel(cfg.model, len(vocab), pretrained=False)  # weights come from the state dict
     except UserError as exc:  # a config, vocabulary or encoder this capcli does not know: say whose it is
         raise UserError(f"model {source} ({versions}): {str(exc).rstrip('.')}; use capcli {made_by} for it, "
                         "or retrain") from exc
@@ -82,7 +84,7 @@ def to_uint8_image(image: ImageLike, size: int, resize: str = "squash") -> np.nd
 class Captioner:
     """A trained captioner ready to caption: the model, its vocabulary and its preprocessing."""
 
-    model: torch.nn.Module
+    model: CaptionModel
     vocab: Vocab
     config: Config
     image_size: int
@@ -91,23 +93,31 @@ class Captioner:
     amp_dtype: torch.dtype | None = None
     max_length: int = 50
     source: str = ""
+    data: dict = field(default_factory=dict)  # the training data facts the model carries (image size, dir, ...)
 
     @classmethod
     def load(cls, source: str | Path, device: str | torch.device = "auto", amp: str | None = None) -> "Captioner":
         """From a run dir, a checkpoint file, a model folder (`capcli export`) or ``hf-hub:user/name``.
         ``amp`` (auto | off | bf16 | fp16) sets the precision; by default the model's ``train.amp``
         (auto: bf16 or fp16 on CUDA, float32 on a CPU)."""
-        from capcli.training.runtime import autocast_dtype
-
-        device = _device(device)
+        device = device if isinstance(device, torch.device) else resolve_device(device)
         amp_dtype = autocast_dtype(amp, device) if amp is not None else None  # a bad value fails before the model is read
-        model, vocab, cfg, state = load_captioner(source, device)
+        model, vocab, cfg, state = load_model(source, device)
         if amp is None:  # the model's own precision
             amp_dtype = autocast_dtype(cfg.train.amp, device)
         data = state["data"]
         size = int(data.get("image_size") or cfg.model.image_size or 224)
         return cls(model, vocab, cfg, size, data.get("resize", "squash"), device, amp_dtype,
-                   int(data.get("max_length") or 50), str(source))
+                   int(data.get("max_length") or 50), str(source), dict(data))
+
+    def decode_options(self, *, beam: int = 3, max_length: int | None = None, block_ngrams: int = 0,
+                       sample: dict | None = None, seed: int | None = None) -> DecodeOptions:
+        """The :class:`~capcli.decode.DecodeOptions` of a call, with this model's defaults (its
+        longest caption, its precision). ``sample`` (``{"temperature": T, "top_k": K}``) draws
+        captions instead of beam search."""
+        drawn = {"sample": True, **sample} if sample is not None else {}
+        return DecodeOptions(beam_size=beam, max_length=max_length or self.max_length, block_ngrams=block_ngrams,
+                             seed=seed, amp_dtype=self.amp_dtype, **drawn)
 
     def preprocess(self, images: Iterable[ImageLike]) -> torch.Tensor:
         """uint8 (B, 3, S, S) on the model's device, as the model was trained to see them."""
@@ -119,17 +129,14 @@ class Captioner:
                 block_ngrams: int = 0, batch_size: int | None = None, sample: dict | None = None) -> list[str] | str:
         """Captions of ``images`` (a list gives a list; one image gives one string). ``sample``
         (``{"temperature": T, "top_k": K}``) draws captions instead of beam search."""
-        from capcli.evaluate import default_batch_size, generate
-
+        options = self.decode_options(beam=beam, max_length=max_length, block_ngrams=block_ngrams, sample=sample)
         batch_size = batch_size or default_batch_size(self.device)
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         out: list[str] = []
-        with self.model.frozen_weights():
+        with self.model.derived_weights():
             for i in range(0, len(items), batch_size):
-                texts, _ = generate(self.model, self.vocab, self.preprocess(items[i:i + batch_size]), beam_size=beam,
-                                    max_length=max_length or self.max_length, block_ngrams=block_ngrams,
-                                    amp_dtype=self.amp_dtype, sample=sample)
+                texts, _ = generate(self.model, self.vocab, self.preprocess(items[i:i + batch_size]), options)
                 out.extend(texts)
         return out[0] if single else out
 
@@ -138,23 +145,12 @@ class Captioner:
                                block_ngrams: int = 0) -> dict:
         """``caption``, ``words``, ``attention`` (one weight map per word and the <end>: (T, g, g)
         for a square g x g grid, else (T, P)) and ``image`` (the uint8 (3, S, S) the model saw)."""
-        from capcli.evaluate import generate
-
+        options = self.decode_options(beam=beam, max_length=max_length, block_ngrams=block_ngrams)
         pixels = self.preprocess([image])
-        texts, result = generate(self.model, self.vocab, pixels, beam_size=beam,
-                                 max_length=max_length or self.max_length, block_ngrams=block_ngrams,
-                                 return_alphas=True, amp_dtype=self.amp_dtype)
+        texts, result = generate(self.model, self.vocab, pixels, options, return_alphas=True)
         words = [self.vocab.itos[t] for t in result.tokens[0]]
         alphas = result.alphas[0, : len(words) + 1].float().cpu().numpy()
         g = int(round(alphas.shape[-1] ** 0.5))
         if g * g == alphas.shape[-1]:
             alphas = alphas.reshape(len(alphas), g, g)
         return {"caption": texts[0], "words": words, "attention": alphas, "image": pixels[0].cpu().numpy()}
-
-
-def _device(device: str | torch.device) -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    from capcli.training.runtime import resolve_device
-
-    return resolve_device(device)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -22,7 +21,10 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
 from capcli.data.images import load_image
+from capcli.decode import DecodeOptions, default_batch_size, generate
 from capcli.errors import UserError, disk_space
+from capcli.runtime import Dist, barrier
+from capcli.store.files import JsonlLog, atomic_open, read_jsonl
 
 OUTPUT_SUFFIXES = (".jsonl", ".json", ".csv")
 FIELDS = ["file", "caption", "error", "attention_map"]
@@ -52,93 +54,51 @@ def _collate(items: list[dict]) -> dict:
             "images": torch.stack([it["image"] for it in good]) if good else None}
 
 
-def caption_batches(captioner, files: list[Path], *, beam_size: int = 3, max_length: int | None = None,
-                    block_ngrams: int = 0, sample: dict | None = None, batch_size: int | None = None,
-                    num_workers: int = 0, attention_dir: Path | None = None) -> Iterator[list[dict]]:
-    """Rows for ``files``, a batch at a time, in input order (see the module doc); ``batch_size``
-    defaults to the device's (:func:`capcli.evaluate.default_batch_size`)."""
-    from capcli.evaluate import default_batch_size
-
-    batch_size = batch_size or default_batch_size(captioner.device)
-    loader = DataLoader(ImageFiles(files, captioner.image_size, captioner.resize), batch_size=batch_size,
-                        shuffle=False, num_workers=num_workers, collate_fn=_collate,
-                        pin_memory=captioner.device.type == "cuda", generator=torch.Generator())
-    model = captioner.model
-    model.eval()
-    with model.frozen_weights():
-        yield from _caption_loader(captioner, loader, files, beam_size=beam_size, max_length=max_length,
-                                   block_ngrams=block_ngrams, sample=sample, attention_dir=attention_dir)
-
-
-def _caption_loader(captioner, loader, files, *, beam_size, max_length, block_ngrams, sample,
-                    attention_dir) -> Iterator[list[dict]]:
-    from capcli.evaluate import generate
-
+def caption_batches(captioner, files: list[Path], options: DecodeOptions, *, batch_size: int | None = None,
+                    num_workers: int = 0, attention_dir: Path | None = None,
+                    generator: torch.Generator | None = None) -> Iterator[list[dict]]:
+    """Rows for ``files``, a batch at a time, in input order (see the module doc), captioned by
+    ``captioner`` (a :class:`capcli.api.Captioner`) with ``options`` (resolved: see
+    :meth:`capcli.api.Captioner.decode_options`); ``batch_size`` defaults to the device's
+    (:func:`capcli.decode.default_batch_size`). Sampling draws from ``generator`` (one per run)."""
+    device = captioner.device
+    loader = DataLoader(ImageFiles(files, captioner.image_size, captioner.resize),
+                        batch_size=batch_size or default_batch_size(device), shuffle=False, num_workers=num_workers,
+                        collate_fn=_collate, pin_memory=device.type == "cuda", generator=torch.Generator())
     model, vocab = captioner.model, captioner.vocab
-    for batch in loader:
-        rows = {i: {"file": str(files[i]), "caption": None, "error": e} for i, e in zip(batch["index"], batch["error"])}
-        if batch["images"] is not None:
-            ok = [i for i, e in zip(batch["index"], batch["error"]) if e is None]
-            with torch.inference_mode():
-                texts, result = generate(model, vocab, batch["images"].to(captioner.device, non_blocking=True),
-                                         beam_size=beam_size, max_length=max_length or captioner.max_length,
-                                         return_alphas=attention_dir is not None, amp_dtype=captioner.amp_dtype,
-                                         block_ngrams=block_ngrams, sample=sample)
-            for j, (i, text) in enumerate(zip(ok, texts)):
-                rows[i]["caption"] = text
-                if attention_dir is not None:
-                    attention_dir.mkdir(parents=True, exist_ok=True)
-                    out = attention_dir / f"{files[i].stem}_attention.png"
-                    words = [vocab.itos[t] for t in result.tokens[j]]
-                    attention_figure(batch["images"][j].numpy(), words, result.alphas[j].float().cpu().numpy()).save(out)
-                    rows[i]["attention_map"] = str(out)
-        yield [rows[i] for i in batch["index"]]
+    model.eval()
+    with model.derived_weights():
+        for batch in loader:
+            rows = {i: {"file": str(files[i]), "caption": None, "error": e} for i, e in zip(batch["index"], batch["error"])}
+            if batch["images"] is not None:
+                ok = [i for i, e in zip(batch["index"], batch["error"]) if e is None]
+                texts, result = generate(model, vocab, batch["images"].to(device, non_blocking=True), options,
+                                         return_alphas=attention_dir is not None, generator=generator)
+                for j, (i, text) in enumerate(zip(ok, texts)):
+                    rows[i]["caption"] = text
+                    if attention_dir is not None:
+                        attention_dir.mkdir(parents=True, exist_ok=True)
+                        out = attention_dir / f"{files[i].stem}_attention.png"
+                        words = [vocab.itos[t] for t in result.tokens[j]]
+                        attention_figure(batch["images"][j].numpy(), words,
+                                         result.alphas[j].float().cpu().numpy()).save(out)
+                        rows[i]["attention_map"] = str(out)
+            yield [rows[i] for i in batch["index"]]
 
 
-class RowLog:
-    """Rows appended to a JSONL file as they come (flushed per batch), read back on resume.
-
-    A row torn by a kill (the last line, unfinished) is dropped on reading and cut from the file.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._f = None
+class RowLog(JsonlLog):
+    """Caption rows appended to a JSONL file as they come (flushed per batch), read back on resume
+    (a row torn by a kill is dropped and cut from the file); a full disk is a one-line error that
+    keeps the rows written so far."""
 
     def read(self) -> dict[str, dict]:
-        rows: dict[str, dict] = {}
-        if not self.path.is_file():
-            return rows
-        good = 0
-        with open(self.path, "rb") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    break  # torn: everything after the last good line goes
-                if not line.endswith(b"\n") or not isinstance(row, dict) or "file" not in row:
-                    break
-                rows[row["file"]] = row
-                good += len(line)
-        if good < self.path.stat().st_size:
-            with open(self.path, "r+b") as f:
-                f.truncate(good)
-        return rows
+        return {row["file"]: row for row in read_jsonl(self.path, until=lambda row: "file" not in row)}
 
     def append(self, rows: list[dict]) -> None:
-        if self._f is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = open(self.path, "a", encoding="utf-8")
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        with disk_space(self.path, len(text.encode()) * 100, "the rows written so far are kept: free some "
-                        "space, then rerun with --resume"):
-            self._f.write(text)
-            self._f.flush()
-
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
+        size = sum(len(json.dumps(r, ensure_ascii=False)) + 1 for r in rows)
+        with disk_space(self.path, size * 100, "the rows written so far are kept: free some space, then rerun "
+                        "with --resume"):
+            super().append(rows)
 
 
 def stream_path(output: Path, rank: int | None = None) -> Path:
@@ -170,10 +130,8 @@ def read_rows(path: Path) -> list[dict]:
 
 def write_rows(path: Path, rows: list[dict]) -> None:
     """The whole output at once (atomically): .jsonl, .json or .csv."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     suffix = path.suffix.lower()
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_open(path, newline="") as f:
         if suffix == ".jsonl":
             f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         elif suffix == ".json":
@@ -182,48 +140,53 @@ def write_rows(path: Path, rows: list[dict]) -> None:
             w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
-    os.replace(tmp, path)
 
 
-def caption_files(captioner, files: list[Path], *, output: Path | None = None, resume: bool = False,
-                  rank: int = 0, world: int = 1, barrier: Callable[[], None] = lambda: None,
-                  progress: Callable[[int, int], None] | None = None, **decode) -> list[dict] | None:
-    """Caption ``files`` (rank ``rank`` of ``world`` takes every world-th remaining file), stream
-    rows to ``output``'s stream file, and (rank 0, after ``barrier``) write ``output`` whole, in
-    input order. Returns every row in input order on rank 0 (None on other ranks).
+def caption_files(captioner, files: list[Path], options: DecodeOptions, *, output: Path | None = None,
+                  resume: bool = False, dist: Dist | None = None, progress: Callable[[int, int], None] | None = None,
+                  batch_size: int | None = None, num_workers: int = 0,
+                  attention_dir: Path | None = None) -> list[dict] | None:
+    """Caption ``files`` (under torchrun, rank r of ``dist`` takes every world-th remaining file),
+    stream rows to ``output``'s stream file, and (rank 0, once every rank is done) write
+    ``output`` whole, in input order. Returns every row in input order on rank 0 (None on other
+    ranks).
 
     ``resume`` skips files that already have a row; without it an existing output is an error.
     """
+    d = dist or Dist()
     if output is not None and output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise UserError(f"--output {output}: use a .jsonl, .json or .csv file name")
     done: dict[str, dict] = {}
     if output is not None:
         if resume:
             done = read_done(output)
-        elif output.exists() or (world == 1 and stream_path(output).exists()):
+        elif output.exists() or (d.world == 1 and stream_path(output).exists()):
             raise UserError(f"{output} exists; --resume continues it, or remove it to start over")
-    barrier()  # every rank has read what is done before any writes
+    barrier(d)  # every rank has read what is done before any writes
     todo = [f for f in files if str(f) not in done]
-    mine = todo[rank::world]
-    log = RowLog(stream_path(output, rank if world > 1 else None)) if output is not None else None
+    mine = todo[d.rank::d.world]
+    log = RowLog(stream_path(output, d.rank if d.world > 1 else None)) if output is not None else None
     made: list[dict] = []
     count = len(files) - len(todo)
     if progress is not None:
         progress(count, len(files))
+    generator = options.generator(captioner.device, d.rank)  # one random source for the whole run
+    batch_size = batch_size or default_batch_size(captioner.device)
     try:
-        for rows in caption_batches(captioner, mine, **decode):
+        for rows in caption_batches(captioner, mine, options, batch_size=batch_size, num_workers=num_workers,
+                                    attention_dir=attention_dir, generator=generator):
             if log is not None:
                 log.append(rows)
             if output is None:
                 made.extend(rows)
-            count += len(rows) * world
+            count += len(rows) * d.world
             if progress is not None:
                 progress(min(count, len(files)), len(files))
     finally:
         if log is not None:
             log.close()
-    barrier()  # every rank's part is complete
-    if rank != 0:
+    barrier(d)  # every rank's part is complete
+    if not d.main:
         return None
     if output is None:
         return made

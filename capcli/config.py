@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from capcli.errors import UserError
+from capcli.runtime import check_amp
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -66,8 +67,8 @@ class TrainConfig:
     tf_end: float = 0.0  # scheduled: the ratio reached at the last step (linear) or approached (inverse_sigmoid)
     tf_k: float = 0.0  # inverse_sigmoid steepness k of Bengio et al. 2015, k/(k+exp(step/k)); 0 = midway at mid-run
     lr_schedule: str = "none"  # none | plateau (x lr_factor after lr_patience validations without a better score) | cosine
-    lr_factor: float = 0.8  # plateau: the seed's rule, x0.8 ...
-    lr_patience: int = 8  # ... after 8 validations without a better best_metric
+    lr_factor: float = 0.8  # plateau: multiply the rates by this ...
+    lr_patience: int = 8  # ... after this many validations in a row without a better best_metric
     warmup_steps: int = 0  # linear learning-rate warm-up over the first N steps (any schedule)
     min_lr_ratio: float = 0.0  # cosine: the rate decays to this fraction of the initial one
     finetune_after: int = 0  # epochs on a frozen encoder (on the feature cache) before fine-tuning it (0 = from the start)
@@ -315,8 +316,7 @@ def validate(cfg: Config) -> None:
     if t.finetune_after >= t.epochs and t.finetune_after:
         raise UserError(f"train.finetune_after={t.finetune_after} leaves no fine-tuning epoch within "
                         f"train.epochs={t.epochs}; lower it or raise train.epochs")
-    if cfg.train.amp not in ("auto", "off", "bf16", "fp16", False, True):
-        raise UserError(f"train.amp must be auto, off, bf16 or fp16, got {cfg.train.amp!r}")
+    check_amp(cfg.train.amp, "train.amp")
     if cfg.train.batch_size < 1:
         raise UserError("train.batch_size must be at least 1")
     if cfg.train.epochs < 1:

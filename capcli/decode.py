@@ -1,21 +1,93 @@
-"""Greedy, batched beam search and sampling over the decoder: pure tensor code, no Python loop
-over images.
+"""Decoding: how a trained captioner turns region features into words, in one place.
 
-A beam that emits <end> is frozen (it can only continue with <pad> at no cost) and keeps its slot;
-beams still open after ``max_length`` words are closed there at no cost (truncated), so a caption
-is always produced and never exceeds ``max_length`` words. ``block_ngrams=N`` forbids any word that
-would repeat an N-gram already in the caption.
-Greedy decoding is beam search with ``beam_size=1``. :func:`sample` draws captions from the
-model's distribution (temperature, top-k), as self-critical training and varied captions need.
+:class:`DecodeOptions` holds every decoding setting (beam size, length, n-gram blocking, sampling,
+precision); :func:`generate` is the one predictor, images in, captions out, used by the Python
+API, ``capcli caption``, ``capcli evaluate`` and validation inside training.
+
+:func:`beam_search` decodes a batch with batched beams, no Python loop over images. A beam that
+emits <end> is frozen (it can only continue with <pad> at no cost) and keeps its slot; beams still
+open after ``max_length`` words are closed there at no cost (truncated), so a caption is always
+produced and never exceeds ``max_length`` words. ``block_ngrams=N`` forbids any word that would
+repeat an N-gram already in the caption. Greedy decoding is beam search with ``beam_size=1``.
+:func:`sample` draws captions from the model's distribution (temperature, top-k), as self-critical
+training and varied captions need.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from capcli.models.decoder import Decoder
+from capcli.runtime import autocast
+
+# Images decoded at once when the user gives no batch size. A GPU's beam search is bound by
+# launching its small per-word kernels, so its throughput grows with the batch; a CPU's products
+# are saturated by 32 (docs/performance.md).
+DEFAULT_BATCH = {"cpu": 32, "cuda": 128}
+
+
+def default_batch_size(device: torch.device | str) -> int:
+    """Images per decoding batch on ``device`` when none is given (:data:`DEFAULT_BATCH`)."""
+    return DEFAULT_BATCH.get(torch.device(device).type, 32)
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """Every setting of a decode. ``max_length`` None means the model's own (the longest caption
+    of its training data); the callers that know the model resolve it (:meth:`resolved`)."""
+
+    beam_size: int = 3  # 1 = greedy
+    max_length: int | None = None  # most words per caption (<end> comes on top)
+    length_penalty: float = 0.0  # beam scores divided by length ** length_penalty (0 = raw log-prob)
+    block_ngrams: int = 0  # N > 0: never repeat an N-gram within a caption
+    sample: bool = False  # draw captions from the model instead of beam search
+    temperature: float = 1.0  # sampling: below 1 safer, above 1 more varied
+    top_k: int = 0  # sampling: draw among the k likeliest words only (0 = all)
+    seed: int | None = None  # sampling: the same seed draws the same captions
+    amp_dtype: torch.dtype | None = None  # products under autocast at this dtype (None = full precision)
+
+    def resolved(self, max_length: int) -> "DecodeOptions":
+        """These options with ``max_length`` filled in where it was left to the model."""
+        return self if self.max_length else dataclasses.replace(self, max_length=max_length)
+
+    def generator(self, device: torch.device, rank: int = 0) -> torch.Generator | None:
+        """The random source of a sampling run (one per run, not per batch): seeded with ``seed``
+        (plus the torchrun rank, so that ranks draw differently), or None for torch's global RNG."""
+        if not self.sample or self.seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed(self.seed + rank)
+
+
+@torch.inference_mode()
+def generate(model, vocab, images: torch.Tensor, options: DecodeOptions, *, return_alphas: bool = False,
+             generator: torch.Generator | None = None):
+    """Captions (strings) for a batch of uint8 images (B, 3, S, S), with the :class:`DecodeResult`.
+    ``options.max_length`` must be resolved."""
+    with autocast(images.device, options.amp_dtype):
+        feats = model.encode(images)
+    return decode_features(model, vocab, feats, options, return_alphas=return_alphas, generator=generator)
+
+
+def decode_features(model, vocab, feats: torch.Tensor, options: DecodeOptions, *, return_alphas: bool = False,
+                    generator: torch.Generator | None = None):
+    """Captions (strings) and the :class:`DecodeResult` for region features (B, P, C): beam search,
+    or with ``options.sample`` one caption drawn from the model. The decoder's products run under
+    autocast at ``options.amp_dtype`` (scores stay float32)."""
+    amp = options.amp_dtype
+    with autocast(feats.device, amp):
+        feats = feats if amp is not None else feats.float()
+        specials = {"start": vocab.start, "end": vocab.end, "pad": vocab.pad}
+        if options.sample:
+            s = sample(model.decoder, feats, max_length=options.max_length, temperature=options.temperature,
+                       top_k=options.top_k, generator=generator, **specials)
+            tokens = [[t for t in row if t not in (vocab.pad, vocab.end)] for row in s.tokens.tolist()]
+            return [vocab.decode(t) for t in tokens], DecodeResult(tokens, torch.zeros(len(tokens)), None)
+        result = beam_search(model.decoder, feats, beam_size=options.beam_size, max_length=options.max_length,
+                             length_penalty=options.length_penalty, block_ngrams=options.block_ngrams,
+                             return_alphas=return_alphas, **specials)
+        return [vocab.decode(t) for t in result.tokens], result
 
 
 @dataclass
@@ -26,7 +98,7 @@ class DecodeResult:
 
 
 @torch.inference_mode()
-def beam_search(decoder: Decoder, feats: torch.Tensor, *, start: int, end: int, pad: int = 0,
+def beam_search(decoder, feats: torch.Tensor, *, start: int, end: int, pad: int = 0,
                 beam_size: int = 3, max_length: int = 50, length_penalty: float = 0.0,
                 block_ngrams: int = 0, return_alphas: bool = False) -> DecodeResult:
     """Decode a batch of images.
@@ -172,8 +244,9 @@ def _reassemble(parts: list[tuple], b: int, pad: int):
 
 
 def _stepper(decoder, rows: int, steps: int):
-    """The decoder's fused no-gradient step where it has one (:meth:`Decoder.stepper`), else its
-    plain ``step`` (e.g. the toy decoders of the tests)."""
+    """The step to decode ``rows`` sequences over up to ``steps`` steps: the decoder's
+    ``stepper`` (:meth:`capcli.models.decoder.Decoder.stepper`), or its ``step`` for a decoder that
+    has no other (any object with ``init_state``, ``step``, ``logits`` and ``attention.project``)."""
     make = getattr(decoder, "stepper", None)
     return make(rows, steps) if make is not None else decoder.step
 
@@ -189,7 +262,7 @@ def repeated_ngram(seqs: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
     return hits > 0
 
 
-def greedy(decoder: Decoder, feats: torch.Tensor, *, start: int, end: int, pad: int = 0,
+def greedy(decoder, feats: torch.Tensor, *, start: int, end: int, pad: int = 0,
            max_length: int = 50, block_ngrams: int = 0, return_alphas: bool = False) -> DecodeResult:
     return beam_search(decoder, feats, start=start, end=end, pad=pad, beam_size=1, max_length=max_length,
                        block_ngrams=block_ngrams, return_alphas=return_alphas)
@@ -203,7 +276,7 @@ class Samples:
 
 
 @torch.no_grad()
-def sample(decoder: Decoder, feats: torch.Tensor, *, start: int, end: int, pad: int = 0, max_length: int = 50,
+def sample(decoder, feats: torch.Tensor, *, start: int, end: int, pad: int = 0, max_length: int = 50,
            temperature: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None) -> Samples:
     """One caption per row of ``feats`` (N, P, E), each word drawn from the model's softmax at
     ``temperature``, restricted to the ``top_k`` likeliest words when ``top_k`` > 0. <pad> and

@@ -1,10 +1,16 @@
-"""One evaluation path, used by `capcli evaluate` and by validation inside `train`: free-running
-beam search (no teacher forcing) for every reported caption score, plus teacher-forced loss and
-top-5 accuracy, scored against every raw reference caption of each image."""
+"""One evaluation path, used by `capcli evaluate`, the quickstart, the study and validation inside
+`train`: free-running decoding (no teacher forcing) for every reported caption score, plus the
+teacher-forced loss and top-5 accuracy, scored against every raw reference caption of each image.
+
+:func:`evaluate_model` scores a model on a dataset split; :func:`evaluate_checkpoint` does the whole
+job for a MODEL source (load, feature cache, score, eval.json and captions.json).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -12,89 +18,42 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader
 
+from capcli.api import Captioner
 from capcli.data.dataset import CaptionDataset, collate, trim_padding
-from capcli.data.features import CachedFeatureDataset, collate_cached
-from capcli.decode import beam_search
+from capcli.data.features import CachedFeatureDataset, build_cache, cache_dir, cache_file, collate_cached
+from capcli.decode import DecodeOptions, decode_features, default_batch_size
 from capcli.errors import UserError
-from capcli.metrics import caption_scores
+from capcli.metrics import MeteorProcess, caption_scores, start_meteor
+from capcli.models.loss import xe_loss, xe_summary
+from capcli.runtime import amp_name, autocast, synchronize
+from capcli.store.files import write_json
+from capcli.store.folder import run_dir_of
 
 ProgressFn = Callable[[int, int], None]
 
-# Images decoded at once when the user gives no batch size. A GPU's beam search is bound by
-# launching its small per-word kernels, so its throughput grows with the batch (H200, convnext_atto,
-# beam 5, 50 words: 530 captions/s at 40 images, 2,500 at 128, 4,600 at 256; peak 0.8 GB at 128);
-# a CPU is saturated by 32 (measured: 16 left the decoder's products short of rows).
-DEFAULT_BATCH = {"cpu": 32, "cuda": 128}
-
-
-def default_batch_size(device: torch.device | str) -> int:
-    """Images per decoding batch on ``device`` when none is given (:data:`DEFAULT_BATCH`)."""
-    return DEFAULT_BATCH.get(torch.device(device).type, 32)
-
 
 @torch.inference_mode()
-def generate(model, vocab, images: torch.Tensor, *, beam_size: int = 3, max_length: int = 50,
-             length_penalty: float = 0.0, block_ngrams: int = 0, return_alphas: bool = False, amp_dtype=None,
-             sample: dict | None = None):
-    """Captions (strings) for a batch of uint8 images, with the decode result."""
-    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        feats = model.encode(images)
-    return decode_features(model, vocab, feats, beam_size=beam_size, max_length=max_length,
-                           length_penalty=length_penalty, block_ngrams=block_ngrams,
-                           return_alphas=return_alphas, sample=sample, amp_dtype=amp_dtype)
-
-
-def decode_features(model, vocab, feats: torch.Tensor, *, beam_size: int = 3, max_length: int = 50,
-                    length_penalty: float = 0.0, block_ngrams: int = 0, return_alphas: bool = False,
-                    sample: dict | None = None, amp_dtype=None):
-    """Captions (strings) and the decode result for encoder features (B, P, E): beam search, or
-    with ``sample`` (``{"temperature": T, "top_k": K}``) one caption drawn from the model. The
-    decoder's products run under autocast at ``amp_dtype`` (scores stay float32)."""
-    with torch.autocast(feats.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        return _decode(model, vocab, feats if amp_dtype is not None else feats.float(), beam_size=beam_size,
-                       max_length=max_length, length_penalty=length_penalty, block_ngrams=block_ngrams,
-                       return_alphas=return_alphas, sample=sample)
-
-
-def _decode(model, vocab, feats, *, beam_size, max_length, length_penalty, block_ngrams, return_alphas, sample):
-    if sample is not None:
-        from capcli.decode import DecodeResult, sample as draw
-
-        s = draw(model.decoder, feats, start=vocab.start, end=vocab.end, pad=vocab.pad,
-                 max_length=max_length, **sample)
-        tokens = [[t for t in row if t not in (vocab.pad, vocab.end)] for row in s.tokens.tolist()]
-        return [vocab.decode(t) for t in tokens], DecodeResult(tokens, torch.zeros(len(tokens)), None)
-    result = beam_search(model.decoder, feats, start=vocab.start, end=vocab.end, pad=vocab.pad,
-                         beam_size=beam_size, max_length=max_length, length_penalty=length_penalty,
-                         block_ngrams=block_ngrams, return_alphas=return_alphas)
-    return [vocab.decode(t) for t in result.tokens], result
-
-
-@torch.inference_mode()
-def evaluate_model(model, dataset: CaptionDataset, device: torch.device, *, beam_size: int = 3,
-                   max_length: int = 0, batch_size: int = 32, num_workers: int = 0,
-                   alpha_c: float = 1.0, amp_dtype=None, meteor: bool | None = None,
+def evaluate_model(model, dataset: CaptionDataset, device: torch.device, options: DecodeOptions, *,
+                   batch_size: int = 32, num_workers: int = 0, alpha_c: float = 1.0, meteor: bool | None = None,
                    vocab=None, features: str | Path | None = None, score: bool = True,
-                   block_ngrams: int = 0, progress: ProgressFn | None = None) -> dict:
-    """Scores of ``model`` on ``dataset``; returns the metrics dict and ``captions`` (COCO results).
+                   progress: ProgressFn | None = None) -> dict:
+    """Scores of ``model`` on ``dataset``, decoding with ``options`` (a ``max_length`` of None is
+    the dataset's); returns the metrics dict and ``captions`` (COCO results).
 
     ``vocab`` is the model's vocabulary (default: the dataset's). Loss and top-5 need the dataset's
     encoded captions in the model's vocabulary, so they are None when the two differ. ``features``:
     a frozen encoder's feature cache of this split (:mod:`capcli.data.features`), read instead of
     running the encoder. ``score=False`` decodes and stops (to time a decode).
     """
-    from capcli.metrics import MeteorProcess, start_meteor
-    from capcli.training.objectives import XEObjective
-    from capcli.training.runtime import amp_name
-
+    options = options.resolved(dataset.max_length)
+    vocab = vocab or dataset.vocab
+    teacher_forced = score and vocab.itos == dataset.vocab.itos
     # METEOR's JVM and paraphrase tables load (~10 s) while the captions are decoded
     meteor_proc = start_meteor() if score and meteor is not False else None
     try:
-        hyps, sums, seconds = _decode_split(
-            model, dataset, device, vocab or dataset.vocab, beam_size=beam_size, block_ngrams=block_ngrams,
-            max_length=max_length or dataset.max_length, batch_size=batch_size, num_workers=num_workers,
-            objective=XEObjective(model, alpha_c) if score else None, amp_dtype=amp_dtype, features=features,
-            progress=progress)
+        hyps, sums, seconds = _decode_split(model, dataset, device, vocab, options, batch_size=batch_size,
+                                            num_workers=num_workers, alpha_c=alpha_c if teacher_forced else None,
+                                            features=features, progress=progress)
     except BaseException:
         if meteor_proc is not None:
             meteor_proc.close(kill=True)
@@ -109,14 +68,14 @@ def evaluate_model(model, dataset: CaptionDataset, device: torch.device, *, beam
     scores = caption_scores(refs, {str(i): h for i, h in hyps.items()},
                             meteor=meteor_proc if isinstance(meteor_proc, MeteorProcess) else meteor)
     seconds["scoring"] = time.perf_counter() - t0
-    tf = XEObjective.summary(sums.tolist()) if sums is not None else {}
+    tf = xe_summary(sums.tolist()) if sums is not None else {}
     scores.update({
         "loss": tf.get("ce"),  # cross-entropy per word, without the attention penalty
         "top5": tf.get("top5"),
         "images": len(hyps),
-        "beam_size": beam_size,
-        "block_ngrams": block_ngrams,
-        "amp": amp_name(amp_dtype),
+        "beam_size": options.beam_size,
+        "block_ngrams": options.block_ngrams,
+        "amp": amp_name(options.amp_dtype),
         "captions_per_s": len(hyps) / max(decode_seconds, 1e-9),
         # where the time went: encoder (or cached features), beam search, teacher-forced pass,
         # metrics (METEOR included: the wait for its process, started before decoding)
@@ -126,14 +85,13 @@ def evaluate_model(model, dataset: CaptionDataset, device: torch.device, *, beam
     return scores
 
 
-def _decode_split(model, dataset: CaptionDataset, device: torch.device, vocab, *, beam_size: int, block_ngrams: int,
-                  max_length: int, batch_size: int, num_workers: int, objective, amp_dtype, features,
+def _decode_split(model, dataset: CaptionDataset, device: torch.device, vocab, options: DecodeOptions, *,
+                  batch_size: int, num_workers: int, alpha_c: float | None, features,
                   progress: ProgressFn | None) -> tuple[dict[int, str], torch.Tensor | None, dict]:
-    """Free-running captions of every image (index -> text), the objective's teacher-forced sums
-    (when the vocabularies agree and ``objective`` is given) and the seconds spent encoding, in
-    beam search and in the teacher-forced pass."""
+    """Free-running captions of every image (index -> text), the teacher-forced sums
+    (:data:`capcli.models.loss.XE_SUMS`, when ``alpha_c`` is given) and the seconds spent encoding,
+    in beam search and in the teacher-forced pass."""
     model.eval()
-    teacher_forced = objective is not None and vocab.itos == dataset.vocab.itos
     data = CachedFeatureDataset(dataset, Path(features)) if features is not None else dataset
     # its own generator: evaluating never draws from the global RNG (a training run resumes exactly)
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -142,49 +100,110 @@ def _decode_split(model, dataset: CaptionDataset, device: torch.device, vocab, *
     hyps: dict[int, str] = {}
     sums = None
     seconds = {"encode": 0.0, "beam": 0.0, "teacher_forced": 0.0}
-    with model.frozen_weights():
+    with model.derived_weights():
         for batch in loader:
-            encode_s, beam_s, feats = _decode_batch(model, vocab, batch, device, hyps, beam_size=beam_size,
-                                                    block_ngrams=block_ngrams, max_length=max_length,
-                                                    amp_dtype=amp_dtype, features=features is not None)
-            seconds["encode"] += encode_s
-            seconds["beam"] += beam_s
+            t0 = _clock(device)
+            with autocast(device, options.amp_dtype):
+                feats = model.features(_to(batch.get("images"), device), _to(batch.get("regions"), device))
+            t1 = _clock(device)
+            texts, _ = decode_features(model, vocab, feats, options)
+            t2 = _clock(device)
+            hyps.update(zip(batch["index"].tolist(), texts))
+            seconds["encode"] += t1 - t0
+            seconds["beam"] += t2 - t1
             if progress is not None:
                 progress(len(hyps), len(dataset))
-            if teacher_forced:  # teacher-forced loss and top-5 (what the seed reported), same features
-                t0 = _clock(device)
+            if alpha_c is not None:  # teacher-forced loss and top-5 (what the paper reports), same features
                 tf_batch = trim_padding(batch)
-                tf_batch = {"captions": tf_batch["captions"].to(device), "lengths": batch["lengths"].to(device)}
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    out = objective(tf_batch, 1.0, feats=feats)["sums"]
+                with autocast(device, options.amp_dtype):
+                    out = xe_loss(model, feats, tf_batch["captions"].to(device), batch["lengths"].to(device),
+                                  1.0, alpha_c)["sums"]
                 sums = out if sums is None else sums + out
-                seconds["teacher_forced"] += _clock(device) - t0
+                seconds["teacher_forced"] += _clock(device) - t2
     return hyps, sums, seconds
 
 
+def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(device, non_blocking=True)
+
+
 def _clock(device: torch.device) -> float:
-    """perf_counter, after the device's queued work (CUDA runs asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    """perf_counter, after the device's queued work."""
+    synchronize(device)
     return time.perf_counter()
 
 
-def _decode_batch(model, vocab, batch: dict, device, hyps: dict, *, beam_size: int, block_ngrams: int,
-                  max_length: int, amp_dtype, features: bool) -> tuple[float, float, torch.Tensor]:
-    """Caption one batch into ``hyps``; returns the seconds spent encoding and decoding it, and
-    the batch's features."""
-    regions = batch["regions"].to(device, non_blocking=True) if features else None
-    images = batch["images"].to(device, non_blocking=True) if not features else None
-    t0 = _clock(device)
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        feats = model.features(images, regions)
-    t1 = _clock(device)
-    texts, _ = decode_features(model, vocab, feats, beam_size=beam_size, max_length=max_length,
-                               block_ngrams=block_ngrams, amp_dtype=amp_dtype)
-    t2 = _clock(device)
-    for idx, text in zip(batch["index"].tolist(), texts):
-        hyps[idx] = text
-    return t1 - t0, t2 - t1, feats
+def feature_cache(model, dataset: CaptionDataset, device: torch.device, amp_dtype, batch_size: int,
+                  progress: ProgressFn | None = None) -> Path | None:
+    """The split's cached features for a model trained on a frozen encoder: made now if missing
+    (beside the training caches, reused by later evaluations); None when the model's encoder was
+    fine-tuned or the dataset dir cannot be written."""
+    cfg = model.cfg
+    if cfg.finetune:
+        return None
+    path = cache_file(cache_dir(dataset.dir, model.encoder), dataset, amp_dtype)
+    if path.is_file():
+        return path
+    if not os.access(dataset.dir, os.W_OK):
+        return None
+    build_cache(model.encoder, dataset, device, path, batch_size=batch_size, amp_dtype=amp_dtype, progress=progress)
+    return path
+
+
+def run_eval_path(run_dir: str | Path, split: str) -> Path:
+    """Where a run's evaluation on ``split`` lives: RUN/eval-SPLIT/eval.json (the model card reads
+    it from there)."""
+    return Path(run_dir) / f"eval-{split}" / "eval.json"
+
+
+def default_output(source: str | Path, split: str) -> Path:
+    """Where a model's evaluation goes by default: :func:`run_eval_path` for a run (or a checkpoint
+    inside one), ./eval.json for anything else."""
+    run_dir = run_dir_of(source)
+    return run_eval_path(run_dir, split) if run_dir is not None else Path("eval.json")
+
+
+def evaluate_checkpoint(source: str | Path, device: torch.device, options: DecodeOptions | None = None, *,
+                        data: str | Path | None = None, split: str = "test", amp: str | None = None,
+                        batch_size: int | None = None, max_images: int = 0, num_workers: int = 0,
+                        meteor: bool | None = None, output: str | Path | None = None,
+                        progress: Callable[[str, int, int], None] | None = None) -> tuple[dict, Path]:
+    """Score a MODEL source on a split and write ``eval.json`` (the scores, with where the time
+    went) and ``captions.json`` (COCO results) beside it; returns (scores, eval.json path).
+
+    ``data``: the dataset dir (default: the one the model trained on). ``amp``: the precision
+    (default: the model's ``train.amp``). ``options``: how to decode (the model's precision and
+    the dataset's longest caption fill what it leaves open). ``output``: the eval.json path
+    (default: :func:`default_output`). A model trained on a frozen encoder reads the split's
+    feature cache (made on the first evaluation). ``progress(phase, done, total)`` follows the
+    ``cache`` and ``decode`` phases.
+    """
+    t_start = time.perf_counter()
+    captioner = Captioner.load(source, device, amp=amp)
+    options = dataclasses.replace(options or DecodeOptions(), amp_dtype=captioner.amp_dtype)
+    load_s = time.perf_counter() - t_start
+    cfg = captioner.config
+    data = Path(data or captioner.data.get("dir") or cfg.data.dir)
+    dataset = CaptionDataset(data, split, max_images=max_images)
+    batch_size = batch_size or default_batch_size(device)
+    phase = (lambda name: (lambda done, total: progress(name, done, total))) if progress else (lambda name: None)
+    t0 = time.perf_counter()
+    features = (feature_cache(captioner.model, dataset, device, captioner.amp_dtype, batch_size, phase("cache"))
+                if cfg.train.cache_features else None)
+    cache_s = time.perf_counter() - t0
+    scores = evaluate_model(captioner.model, dataset, device, options, batch_size=batch_size,
+                            num_workers=num_workers, alpha_c=cfg.train.alpha_c, meteor=meteor,
+                            vocab=captioner.vocab, features=features, progress=phase("decode"))
+    captions = scores.pop("captions")
+    scores.update({"checkpoint": str(source), "data": str(data), "split": split})
+    # load: checkpoint and model; feature_cache: a frozen encoder's cache of this split, made on
+    # the first evaluation only; total: the call from its start (a command's imports come before)
+    scores["seconds"] = {"load": round(load_s, 3), "feature_cache": round(cache_s, 3), **scores["seconds"],
+                         "total": round(time.perf_counter() - t_start, 3)}
+    output = Path(output) if output is not None else default_output(source, split)
+    write_json(output, scores)
+    write_json(output.with_name("captions.json"), captions)
+    return scores, output
 
 
 def score_results(results_path: str | Path, dataset: CaptionDataset, meteor: bool | None = None) -> dict:

@@ -1,12 +1,9 @@
-"""Rich tables, progress bars and JSON writing: everything the commands show or write for people."""
+"""Rich tables and progress bars: everything the commands show people. (Files are written by
+:mod:`capcli.store.files`.)"""
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import time
-from pathlib import Path
 from typing import Any, Iterable
 
 from rich.console import Console
@@ -93,38 +90,6 @@ class PlainProgress:
                            highlight=False, markup=False)
 
 
-def _json_default(obj: Any):
-    try:
-        import numpy as np
-        if isinstance(obj, np.generic):
-            return obj.item()
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
-def write_json(path: str | Path, data: Any) -> Path:
-    """Write JSON atomically (temporary name, then rename); NaN/inf become null."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(_clean(data), indent=2, default=_json_default, ensure_ascii=False))
-    os.replace(tmp, path)
-    return path
-
-
 def fmt(value: Any, digits: int = 4) -> str:
     if value is None:
         return "-"
@@ -166,91 +131,3 @@ def metrics_table(scores: dict, title: str = "Scores") -> Table:
         else:
             rows.append((label, str(v)))
     return table(title, ["metric", "value"], rows)
-
-
-# ---------------------------------------------------------------------------------------------
-# TensorBoard event files, written without TensorFlow or the tensorboard package
-
-
-def _crc32c_table() -> list[int]:
-    table = []
-    for n in range(256):
-        c = n
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1  # Castagnoli, reflected
-        table.append(c)
-    return table
-
-
-_CRC32C = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc = _CRC32C[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, wire: int, payload: bytes) -> bytes:
-    key = _varint((number << 3) | wire)
-    if wire == 2:  # length-delimited
-        return key + _varint(len(payload)) + payload
-    return key + payload
-
-
-class EventWriter:
-    """Scalars in TensorBoard's event-file format (TFRecord framing of ``Event`` protos), so that
-    ``tensorboard --logdir runs/`` shows a run's curves. Only scalars, which is all capcli logs.
-
-    Record: length (uint64 LE), masked CRC-32C of the length, the ``Event`` bytes, their masked
-    CRC-32C. ``Event``: wall_time (1, double), step (2, int64), file_version (3) or summary (5)
-    holding ``Value``: tag (1, string), simple_value (2, float).
-    """
-
-    def __init__(self, folder: str | Path):
-        import socket
-        import time
-
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.capcli"
-        self.path = self.folder / name
-        self._f = open(self.path, "ab")
-        self._event(_field(3, 2, b"brain.Event:2"), step=0)
-
-    def _event(self, body: bytes, step: int) -> None:
-        import struct
-        import time
-
-        data = _field(1, 1, struct.pack("<d", time.time())) + _field(2, 0, _varint(int(step))) + body
-        header = struct.pack("<Q", len(data))
-        self._f.write(header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data)))
-
-    def scalar(self, tag: str, value: float, step: int) -> None:
-        import struct
-
-        value_msg = _field(1, 2, tag.encode()) + _field(2, 5, struct.pack("<f", float(value)))
-        self._event(_field(5, 2, _field(1, 2, value_msg)), step)
-
-    def flush(self) -> None:
-        self._f.flush()
-
-    def close(self) -> None:
-        if not self._f.closed:
-            self._f.close()

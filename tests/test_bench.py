@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from capcli import bench
+from capcli.bench.harness import encoder_gflops, time_fn
 from capcli.cli.main import app
 from capcli.models.encoder import Encoder
 
@@ -81,10 +81,10 @@ def test_encoders_table_json_and_plot(tmp_path):
 
 def test_gflops_scale_with_image_area():
     enc = Encoder("convnext_atto", pretrained=False, grid=7, finetune=False)
-    small, large = bench.encoder_gflops(enc, 64), bench.encoder_gflops(enc, 128)
+    small, large = encoder_gflops(enc, 64), encoder_gflops(enc, 128)
     assert 3.6 < large / small < 4.4
     # timm lists convnext_atto at 0.55 GMACs for 224 px: FlopCounterMode counts 2 FLOPs per MAC
-    assert bench.encoder_gflops(enc, 224) == pytest.approx(2 * 0.55, rel=0.1)
+    assert encoder_gflops(enc, 224) == pytest.approx(2 * 0.55, rel=0.1)
 
 
 @pytest.mark.parametrize("mode", ["finetune", "frozen", "cached"])
@@ -111,12 +111,12 @@ def test_decode_random_weights(tmp_path):
 
 def test_decode_checkpoint(tmp_path):
     from capcli.config import Config
-    from capcli.models.captioner import Captioner
+    from capcli.models.captioner import CaptionModel
 
     cfg = Config()
     cfg.model.encoder, cfg.model.pretrained = TINY, False
     itos = ["<pad>", "<start>", "<end>", "<unk>"] + [f"w{i}" for i in range(8)]
-    model = Captioner(cfg.model, len(itos), pretrained=False)
+    model = CaptionModel(cfg.model, len(itos), pretrained=False)
     ckpt = tmp_path / "best.pt"
     torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "vocab": itos,
                 "data": {"image_size": 32}}, ckpt)
@@ -157,7 +157,7 @@ def test_batch_smaller_than_captions_per_image():
 
 def test_time_fn_counts_only_timed_iterations():
     calls = []
-    timing = bench.time_fn(lambda: calls.append(1), warmup=2, iters=3, device="cpu")
+    timing = time_fn(lambda: calls.append(1), warmup=2, iters=3, device="cpu")
     assert len(calls) == 5 and timing["iters"] == 3
     assert 0 <= timing["min_s"] <= timing["median_s"] and timing["total_s"] >= 0
 

@@ -54,9 +54,10 @@ def test_api_and_cli_give_the_same_captions(runner, tiny_run, photos, tmp_path):
 def test_the_default_batch_is_the_devices(runner, tiny_run, photos, tmp_path, monkeypatch):
     """Without --batch-size, caption, evaluate, the API and benchmark decode batch as the device
     suits: 32 images on a CPU, 128 on a GPU (whose beam search is launch-bound)."""
+    import capcli.api
     import capcli.caption
-    import capcli.evaluate
-    from capcli.evaluate import default_batch_size
+    import capcli.decode
+    from capcli.decode import default_batch_size
 
     assert (default_batch_size("cpu"), default_batch_size("cuda:1"), default_batch_size("meta")) == (32, 128, 32)
     seen = []
@@ -68,11 +69,11 @@ def test_the_default_batch_is_the_devices(runner, tiny_run, photos, tmp_path, mo
     invoke(runner, ["caption", tiny_run, photos, "--output", tmp_path / "d.jsonl", "--batch-size", 3,
                     "--device", "cpu", "-q"])
     assert seen == [32, 3]
-    monkeypatch.setitem(capcli.evaluate.DEFAULT_BATCH, "cpu", 4)  # the API batches the same way
+    monkeypatch.setitem(capcli.decode.DEFAULT_BATCH, "cpu", 4)  # the API batches the same way
     batches = []
-    real_generate = capcli.evaluate.generate
-    monkeypatch.setattr(capcli.evaluate, "generate", lambda m, v, images, **kw: batches.append(len(images))
-                        or real_generate(m, v, images, **kw))
+    real_generate = capcli.api.generate
+    monkeypatch.setattr(capcli.api, "generate", lambda m, v, images, *a, **kw: batches.append(len(images))
+                        or real_generate(m, v, images, *a, **kw))
     Captioner.load(tiny_run, device="cpu").caption(sorted(photos.glob("p*.png")))
     assert batches == [4, 4, 1]
 
@@ -82,7 +83,7 @@ def test_amp_sets_the_precision_of_the_api_the_cli_and_evaluate(runner, tiny_run
     """--amp (and Captioner.load's amp) overrides the model's train.amp: bf16 on the CPU runs the
     products in bf16 and says so in eval.json; the default stays float32 on a CPU; bad values fail
     before the model is read."""
-    import capcli.evaluate
+    import capcli.caption
 
     assert Captioner.load(tiny_run, device="cpu").amp_dtype is None  # train.amp auto: float32 on a CPU
     cap = Captioner.load(tiny_run, device="cpu", amp="bf16")
@@ -90,8 +91,8 @@ def test_amp_sets_the_precision_of_the_api_the_cli_and_evaluate(runner, tiny_run
     files = sorted(photos.glob("p*.png"))
     api = cap.caption(files, beam=2)
     seen = []
-    real = capcli.evaluate.generate
-    monkeypatch.setattr(capcli.evaluate, "generate", lambda *a, **kw: seen.append(kw["amp_dtype"]) or real(*a, **kw))
+    real = capcli.caption.generate
+    monkeypatch.setattr(capcli.caption, "generate", lambda *a, **kw: seen.append(a[3].amp_dtype) or real(*a, **kw))
     out = tmp_path / "c.jsonl"
     invoke(runner, ["caption", tiny_run, *files, "--beam", 2, "--amp", "bf16", "--output", out, "--device", "cpu", "-q"])
     assert [r["caption"] for r in rows_of(out)] == api and set(seen) == {torch.bfloat16}

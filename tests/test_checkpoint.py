@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from capcli import checkpoint
+from capcli.store import checkpoint
 from capcli.errors import UserError
 
 
@@ -48,8 +48,10 @@ def test_run_dir_resolves_to_best_then_last(tmp_path):
 
 
 def test_rng_state_round_trip():
-    state = checkpoint.rng_state()
+    from capcli.runtime import rng_state, set_rng_state
+
+    state = rng_state()
     a = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
-    checkpoint.set_rng_state(state)
+    set_rng_state(state)
     b = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
     assert torch.equal(a[0], b[0]) and a[1] == b[1] and a[2] == b[2]

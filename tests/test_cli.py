@@ -230,8 +230,9 @@ def test_evaluate_a_frozen_encoder_caches_the_test_features(runner, tiny_data, t
     """A model trained on a frozen encoder is scored from the split's feature cache (made on the
     first evaluation, beside the training caches), with the same numbers as from the images."""
     from capcli.data.dataset import CaptionDataset
+    from capcli.decode import DecodeOptions
     from capcli.evaluate import evaluate_model
-    from capcli.api import load_captioner
+    from capcli.api import load_model
 
     invoke(runner, ["train", "tiny", f"data.dir={tiny_data}", f"run.dir={tmp_path}", "run.name=fz",
                     "model.finetune=false", *TINY_OVERRIDES, "data.val_max_images=2", "--device", "cpu", "-q"])
@@ -240,8 +241,8 @@ def test_evaluate_a_frozen_encoder_caches_the_test_features(runner, tiny_data, t
                     "--output", out, "--device", "cpu", "-q", "--no-meteor"])
     assert len(list((tiny_data / "features").glob("convnext_atto-*/test.h5"))) == 1
     cached = json.loads(out.read_text())
-    model, vocab, cfg, _ = load_captioner(tmp_path / "fz")
-    direct = evaluate_model(model, CaptionDataset(tiny_data, "test"), torch.device("cpu"), beam_size=2,
+    model, vocab, cfg, _ = load_model(tmp_path / "fz")
+    direct = evaluate_model(model, CaptionDataset(tiny_data, "test"), torch.device("cpu"), DecodeOptions(beam_size=2),
                             alpha_c=cfg.train.alpha_c, meteor=False)
     assert cached["loss"] == pytest.approx(direct["loss"], rel=1e-2)  # float16 features on disk
     assert cached["images"] == direct["images"]

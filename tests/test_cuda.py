@@ -23,7 +23,7 @@ def cfg_for(data, runs, *extra):
 
 @pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
 def test_training_under_each_precision(tiny_data, tmp_path, amp):
-    from capcli.training import train
+    from capcli.training.trainer import train
 
     summary = train(cfg_for(tiny_data, tmp_path, f"run.name={amp}", f"train.amp={amp}", "train.epochs=2"), GPU)
     losses = [r["train_loss"] for r in summary["history"]]
@@ -34,7 +34,7 @@ def test_training_under_each_precision(tiny_data, tmp_path, amp):
 
 
 def test_frozen_encoder_cache_on_the_gpu(tiny_data, tmp_path):
-    from capcli.training import train
+    from capcli.training.trainer import train
 
     summary = train(cfg_for(tiny_data, tmp_path, "run.name=frozen", "model.finetune=false", "train.amp=bf16"), GPU)
     assert summary["history"][0]["val_bleu4"] is not None
@@ -42,11 +42,11 @@ def test_frozen_encoder_cache_on_the_gpu(tiny_data, tmp_path):
 
 
 def test_exact_resume_on_the_gpu(tiny_data, tmp_path):
-    from capcli.training import Trainer, train
+    from capcli.training.trainer import Trainer, train
 
     full = train(cfg_for(tiny_data, tmp_path, "run.name=full", "train.epochs=2", "train.amp=off"), GPU)
     trainer = Trainer(cfg_for(tiny_data, tmp_path, "run.name=part", "train.epochs=2", "train.amp=off"), GPU)
-    trainer.emit = lambda e, **i: setattr(trainer, "stop_signal", "SIGTERM") if (
+    trainer.emit = lambda e, **i: setattr(trainer.signals, "received", "SIGTERM") if (
         e == "step" and i["epoch"] == 1 and i["step"] == 2) else None
     trainer.fit()
     train(None, GPU, resume=tmp_path / "part")
@@ -79,7 +79,8 @@ def test_decoder_and_beam_search_match_the_cpu():
 
 
 def test_benchmarks_measure_gpu_memory():
-    from capcli.bench import bench_decode, bench_train
+    from capcli.bench.decode import bench_decode
+    from capcli.bench.train import bench_train
 
     row = bench_train("convnext_atto", image_size=64, batch=10, mode="finetune", steps=2, warmup=1, device=GPU,
                       amp="bf16")

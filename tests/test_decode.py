@@ -129,7 +129,8 @@ def test_real_decoder_fused_beam_search_equals_the_plain_step(beam, monkeypatch)
     images) and takes the first word from one row per image (all beams start identical); the
     plain per-row step reads the features repeated per beam and expands the first beam of k.
     Same captions, same scores, same attention (beam 30: as many beams as words)."""
-    from capcli.models.decoder import Decoder, InferenceStep
+    from capcli.models.decoder import Decoder
+    from capcli.models.fast.inference import InferenceStep
 
     torch.manual_seed(1)
     dec = Decoder(vocab_size=30, enc_dim=8, emb_dim=8, att_dim=8, dec_dim=8, dropout=0.0).double().eval()
@@ -141,7 +142,7 @@ def test_real_decoder_fused_beam_search_equals_the_plain_step(beam, monkeypatch)
                         or real_call(self, tokens, *a))
     fused = beam_search(dec, feats, start=START, end=END, pad=PAD, beam_size=beam, max_length=7, return_alphas=True)
     assert rows[:2] == [5, 5 * beam]  # the first word from one row per image, then a row per beam
-    monkeypatch.setattr(Decoder, "stepper", None)  # decode.py falls back to Decoder.step
+    dec.fused = False  # the reference: Decoder.step
     plain = beam_search(dec, feats, start=START, end=END, pad=PAD, beam_size=beam, max_length=7, return_alphas=True)
     assert fused.tokens == plain.tokens
     torch.testing.assert_close(fused.scores, plain.scores, rtol=1e-10, atol=1e-12)
@@ -233,7 +234,7 @@ def test_images_leave_the_beam_search_when_their_beams_end(grouped, monkeypatch)
         dec.fc.weight.normal_(0, 1)
         dec.fc.bias[END] = 2.0
     if not grouped:
-        monkeypatch.setattr(Decoder, "stepper", None)  # the plain step: features repeated per beam
+        dec.fused = False  # the plain step: features repeated per beam
     feats = torch.randn(12, 4, 8, dtype=torch.float64) * 3
     parts = []
     reassemble = decode._reassemble

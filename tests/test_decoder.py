@@ -1,4 +1,5 @@
-"""The decoder's batched forward against a step-by-step computation written out here, and the loss."""
+"""The decoder against a step-by-step computation written out here, in its reference form
+(``fused=False``) and its fused one (capcli.models.fast), and the loss."""
 
 import math
 
@@ -6,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from capcli.models.decoder import Decoder, caption_loss
+from capcli.models.decoder import Decoder
+from capcli.models.fast.inference import InferenceStep, gate_table
+from capcli.models.loss import caption_loss
 
 
 def manual_forward(dec: Decoder, feats, captions):
@@ -43,8 +46,16 @@ def setup():
     return dec, feats, captions
 
 
-def test_batched_forward_equals_step_by_step(setup):
+@pytest.fixture(params=[False, True], ids=["reference", "fused"])
+def both(request, setup):
+    """The setup's decoder as the reference code (the definition) and as the fused fast path."""
     dec, feats, captions = setup
+    dec.fused = request.param
+    return dec, feats, captions
+
+
+def test_batched_forward_equals_step_by_step(both):
+    dec, feats, captions = both
     logits, alphas = dec(feats, captions, tf_ratio=1.0)
     ref_logits, ref_alphas = manual_forward(dec, feats, captions)
     assert logits.shape == (4, 6, 23) and alphas.shape == (4, 6, 9)
@@ -53,8 +64,8 @@ def test_batched_forward_equals_step_by_step(setup):
     torch.testing.assert_close(alphas.sum(-1), torch.ones(4, 6, dtype=torch.float64))
 
 
-def test_free_running_feeds_back_argmax(setup):
-    dec, feats, captions = setup
+def test_free_running_feeds_back_argmax(both):
+    dec, feats, captions = both
     logits, _ = dec(feats, captions, tf_ratio=0.0)
     # rebuild the inputs the model must have read: <start>, then its own argmax at each step
     fed = torch.cat([captions[:, :1], logits.argmax(-1)[:, :-1]], 1)
@@ -66,8 +77,8 @@ def test_free_running_feeds_back_argmax(setup):
     assert not torch.allclose(logits, tf_logits)
 
 
-def test_scheduled_ratio_mixes(setup):
-    dec, feats, captions = setup
+def test_scheduled_ratio_mixes(both):
+    dec, feats, captions = both
     torch.manual_seed(1)
     mixed, _ = dec(feats, captions, tf_ratio=0.5)
     tf, _ = dec(feats, captions, tf_ratio=1.0)
@@ -116,8 +127,8 @@ def grads_of(dec, feats, run):
     return {"feats": feats.grad.clone(), **{k: p.grad.clone() for k, p in dec.named_parameters()}}
 
 
-def test_fast_path_gradients_equal_autograd_through_the_reference(setup):
-    dec, feats, captions = setup
+def test_gradients_equal_autograd_through_the_manual_computation(both):
+    dec, feats, captions = both
     feats.requires_grad_()
     fast = grads_of(dec, feats, lambda: dec(feats, captions, tf_ratio=1.0))
     ref = grads_of(dec, feats, lambda: manual_forward(dec, feats, captions))
@@ -147,8 +158,8 @@ def reference_scheduled(dec, feats, captions, ratio):
 
 @pytest.mark.parametrize("ratio", [0.5, 0.0])
 @pytest.mark.parametrize("train", [False, True])
-def test_scheduled_sampling_equals_the_step_by_step_loop(setup, ratio, train):
-    dec, feats, captions = setup
+def test_scheduled_sampling_equals_the_step_by_step_loop(both, ratio, train):
+    dec, feats, captions = both
     dec.train(train)  # with dropout on, the fed-back argmax depends on the dropout draws too
     feats.requires_grad_()
     torch.manual_seed(7)
@@ -165,9 +176,9 @@ def test_scheduled_sampling_equals_the_step_by_step_loop(setup, ratio, train):
         torch.testing.assert_close(fast[name], ref[name], rtol=1e-10, atol=1e-10, msg=name)
 
 
-def test_step_gives_what_the_training_pass_gives(setup):
-    """Beam search decodes with step() and logits(): the fused pass must agree with them."""
-    dec, feats, captions = setup
+def test_step_gives_what_the_training_pass_gives(both):
+    """Beam search decodes with step() and logits(): the training pass must agree with them."""
+    dec, feats, captions = both
     logits, alphas = dec(feats, captions)
     enc_proj = dec.attention.project(feats)
     h, c = dec.init_state(feats)
@@ -190,8 +201,8 @@ CHECKPOINT_LAYOUT = {
 }
 
 
-def test_checkpoints_of_the_earlier_layout_load(setup):
-    dec, feats, captions = setup
+def test_checkpoints_of_the_earlier_layout_load(both):
+    dec, feats, captions = both
     assert {k: tuple(v.shape) for k, v in dec.state_dict().items()} == CHECKPOINT_LAYOUT
     g = torch.Generator().manual_seed(5)
     saved = {k: 0.3 * torch.randn(shape, generator=g, dtype=torch.float64) for k, shape in CHECKPOINT_LAYOUT.items()}
@@ -202,12 +213,14 @@ def test_checkpoints_of_the_earlier_layout_load(setup):
     torch.testing.assert_close(alphas, ref_alphas, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
 @pytest.mark.parametrize("device,dtype", [("cpu", torch.bfloat16),
                                           pytest.param("cuda", torch.bfloat16, marks=CUDA),
                                           pytest.param("cuda", torch.float16, marks=CUDA)])
-def test_autocast_keeps_dtypes_and_stays_near_full_precision(device, dtype):
+def test_autocast_keeps_dtypes_and_stays_near_full_precision(device, dtype, fused):
     torch.manual_seed(0)
     dec = Decoder(vocab_size=50, enc_dim=32, emb_dim=16, att_dim=24, dec_dim=20, dropout=0.0).to(device)
+    dec.fused = fused
     feats = torch.randn(6, 7, 32, device=device)
     captions = torch.randint(4, 50, (6, 9), device=device)
     captions[:, 0] = 1
@@ -241,14 +254,12 @@ def test_autocast_keeps_dtypes_and_stays_near_full_precision(device, dtype):
 @pytest.mark.parametrize("use_table", [True, False])
 def test_inference_step_equals_step(use_table):
     """The fused no-gradient step (beam search, sampling) computes what Decoder.step does."""
-    from capcli.models.decoder import InferenceStep
-
     torch.manual_seed(3)
     dec = Decoder(vocab_size=40, enc_dim=16, emb_dim=8, att_dim=12, dec_dim=10, dropout=0.5).double().eval()
     feats = torch.randn(6, 9, 16, dtype=torch.float64)
     proj = dec.attention.project(feats)
     h, c = dec.init_state(feats)
-    fast = InferenceStep(dec, use_table=use_table)
+    fast = InferenceStep(dec, gate_table(dec) if use_table else None)
     h2, c2 = h, c
     for t in range(4):
         tokens = torch.randint(4, 40, (6,))
@@ -263,8 +274,6 @@ def test_grouped_inference_step_equals_step_on_repeated_features(block_bytes, mo
     """Beam search's rows: k rows of h per image, the image's features given once. The attention
     MLP formed image block by image block in one reused buffer (a CPU) or in one pass (else)
     equals the plain step over features repeated per row."""
-    from capcli.models.decoder import InferenceStep
-
     monkeypatch.setattr(InferenceStep, "CPU_BLOCK_BYTES", block_bytes)
     torch.manual_seed(4)
     dec = Decoder(vocab_size=40, enc_dim=16, emb_dim=8, att_dim=12, dec_dim=10).double().eval()
@@ -285,18 +294,20 @@ def test_grouped_inference_step_equals_step_on_repeated_features(block_bytes, mo
         fast(tokens[:5], feats, proj, h[:5], c[:5])
 
 
-def test_gate_table_is_held_only_while_the_weights_are_frozen():
+def test_gate_table_is_held_only_inside_derived_weights():
     torch.manual_seed(0)
     dec = Decoder(vocab_size=30, enc_dim=8, emb_dim=6, att_dim=8, dec_dim=5).eval()
-    torch.testing.assert_close(dec.gate_table()[7], dec.lstm.weight_ih[:, :6] @ dec.embedding.weight[7])
-    with dec.frozen_weights():
-        table = dec.gate_table()
-        assert dec.gate_table() is table  # computed once for every batch of the block
-        assert dec.stepper(rows=1, steps=1).table is table
+    torch.testing.assert_close(gate_table(dec)[7], dec.lstm.weight_ih[:, :6] @ dec.embedding.weight[7])
+    with dec.derived_weights():
+        table = dec._gate_table
+        torch.testing.assert_close(table, gate_table(dec))
+        assert dec.stepper(rows=1, steps=1).table is table  # made once for every batch of the block
+    assert dec._gate_table is None
     assert dec.stepper(rows=1, steps=1).table is None  # a short decode: one product per step instead
-    with torch.no_grad():
-        dec.embedding.weight[7] += 1.0  # weights change between blocks (training)
-    torch.testing.assert_close(dec.gate_table()[7], dec.lstm.weight_ih[:, :6] @ dec.embedding.weight[7])
+    assert dec.stepper(rows=30, steps=1).table is not None  # a long one makes its own
+    dec.fused = False
+    with dec.derived_weights():
+        assert dec._gate_table is None and dec.stepper(rows=30, steps=1) == dec.step  # the reference step
 
 
 @pytest.mark.parametrize("ratio", [1.0, 0.0])
@@ -349,15 +360,17 @@ def test_teacher_forced_pass_without_gradients_equals_the_training_pass(setup, l
     lengths = None if lengths is None else torch.tensor(lengths)
     with torch.enable_grad():
         ref_logits, ref_alphas = dec(feats, captions, lengths=lengths)  # the training recurrence
+    from capcli.models.fast import inference
+
     calls = []
-    real_step = Decoder._teacher_forced_no_grad
+    real_step = inference.teacher_forced
     try:
-        Decoder._teacher_forced_no_grad = lambda self, *a: calls.append(1) or real_step(self, *a)
+        inference.teacher_forced = lambda *a: calls.append(1) or real_step(*a)
         with torch.no_grad():
             logits, alphas = dec(feats, captions, lengths=lengths)
             dec(feats, captions, tf_ratio=0.5, lengths=lengths)  # not teacher forcing: the recurrence
     finally:
-        Decoder._teacher_forced_no_grad = real_step
+        inference.teacher_forced = real_step
     assert calls == [1]
     torch.testing.assert_close(logits, ref_logits.detach(), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(alphas, ref_alphas.detach(), rtol=1e-10, atol=1e-10)
@@ -367,8 +380,6 @@ def test_inference_step_forms_the_attention_mlp_in_float32_on_a_cpu_under_autoca
     """Under CPU autocast the products run in bf16, but relu(enc_proj + query) . w runs in float32
     (the CPU's elementwise kernels are faster there, and it is closer to full precision), from a
     cast of enc_proj made once per decode."""
-    from capcli.models.decoder import InferenceStep
-
     torch.manual_seed(4)
     dec = Decoder(vocab_size=40, enc_dim=16, emb_dim=8, att_dim=12, dec_dim=10, dropout=0.0).eval()
     feats = torch.randn(6, 9, 16)

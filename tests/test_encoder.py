@@ -7,6 +7,7 @@ import torch
 
 from capcli.errors import UserError
 from capcli.models.encoder import Encoder
+from capcli.models.fast.chunks import CPU_CHUNK, ChunkSizer
 
 
 def test_region_grid_and_shapes():
@@ -74,16 +75,16 @@ def test_cpu_inference_in_chunks_gives_the_whole_batchs_features(finetune):
     gradients (fine-tuning) one call."""
     torch.manual_seed(0)
     enc = Encoder("convnext_atto", pretrained=False, grid=2, finetune=finetune).eval()
-    images = torch.randint(0, 256, (2 * Encoder.CPU_CHUNK + 1, 3, 32, 32), dtype=torch.uint8)
+    images = torch.randint(0, 256, (2 * CPU_CHUNK + 1, 3, 32, 32), dtype=torch.uint8)
     calls = []
     hook = enc.backbone.stem.register_forward_hook(lambda m, i, o: calls.append(i[0].size(0)))
     with torch.no_grad():
         chunked = enc(images)
     with torch.no_grad():
-        enc.CPU_CHUNK = len(images)
+        enc._chunks = ChunkSizer(most=len(images))
         whole = enc(images)
-    # each setting first runs one image to size its chunks (cpu_chunk), then the chunks
-    assert calls == [1, Encoder.CPU_CHUNK, Encoder.CPU_CHUNK, 1, 1, len(images)]
+    # each setting first runs one image to size its chunks (ChunkSizer), then the chunks
+    assert calls == [1, CPU_CHUNK, CPU_CHUNK, 1, 1, len(images)]
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
     if finetune:  # with gradients: one call, and the backbone gets its gradient
         calls.clear()
@@ -104,20 +105,17 @@ def test_cpu_chunks_keep_the_largest_activation_under_the_byte_budget():
     x = torch.randn(20, 3, 64, 64)
     # convnext_atto at 64 px: its largest output per image is the first stage's MLP, 160 x 16 x 16 floats
     per_image = 160 * 16 * 16 * 4
-    enc.CPU_CHUNK_BYTES = 3 * per_image + 100
-    assert enc.cpu_chunk(x) == 3
-    enc.CPU_CHUNK_BYTES = per_image - 1
-    assert enc.cpu_chunk(x) == 1
-    enc.CPU_CHUNK_BYTES = 100 * per_image
-    assert enc.cpu_chunk(x) == Encoder.CPU_CHUNK
+    assert ChunkSizer(max_bytes=3 * per_image + 100)(enc.backbone, x) == 3
+    assert ChunkSizer(max_bytes=per_image - 1)(enc.backbone, x) == 1
+    assert ChunkSizer(max_bytes=100 * per_image)(enc.backbone, x) == CPU_CHUNK
     calls = []
     hook = enc.backbone.stem.register_forward_hook(lambda m, i, o: calls.append(i[0].size(0)))
-    enc.CPU_CHUNK_BYTES = 3 * per_image + 100
+    enc._chunks = ChunkSizer(max_bytes=3 * per_image + 100)
     with torch.no_grad():
         enc.regions(x)
         enc.regions(x)  # the chunk size is remembered: no second probe
     hook.remove()
-    assert calls == [3] * 6 + [2] + [3] * 6 + [2]
+    assert calls == [1] + [3] * 6 + [2] + [3] * 6 + [2]  # one probe, then the chunks, twice
     assert not any(m._forward_hooks for m in enc.backbone.modules())  # the probe's hooks are gone
 
 
@@ -126,7 +124,7 @@ def test_depthwise_convolutions_give_torchs_gradients():
     on maps no larger than the kernel) give the gradients of torch's own convolution."""
     from torch import nn
 
-    from capcli.models.depthwise import DepthwiseConv2d
+    from capcli.models.fast.depthwise import DepthwiseConv2d
 
     torch.manual_seed(0)
     enc = Encoder("convnext_atto", pretrained=False, grid=1, finetune=True)
@@ -150,7 +148,7 @@ def test_depthwise_convolutions_give_torchs_gradients():
 def test_depthwise_backward_equals_torchs_in_double_precision(shape, channels_last):
     import torch.nn.functional as F
 
-    from capcli.models.depthwise import _Depthwise
+    from capcli.models.fast.depthwise import _Depthwise
 
     torch.manual_seed(0)
     b, c, h, w = shape

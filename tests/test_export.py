@@ -14,8 +14,9 @@ import torch
 import yaml
 from huggingface_hub import errors as hf_errors
 
-from capcli import Captioner, checkpoint
-from capcli.checkpoint import MODEL_FILES, export_model, read_model
+from capcli import Captioner
+from capcli.store import checkpoint
+from capcli.store.folder import MODEL_FILES, export_model, read_model
 from capcli.data.synthetic import make_scenes, save_png
 from capcli.errors import UserError
 from tests.conftest import invoke
@@ -336,7 +337,7 @@ def fake_api(monkeypatch):
 
 
 def test_push_exports_creates_the_repo_and_uploads_the_folder(runner, run, fake_api):
-    from capcli.hub import push_model
+    from capcli.store.folder import push_model
 
     url = push_model(run, "alice/capcli-tiny", private=True, commit_message="first")
     assert url == "https://huggingface.co/alice/capcli-tiny"

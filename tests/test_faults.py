@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from capcli.config import load_config
-from capcli.training import Trainer, train
+from capcli.training.trainer import Trainer, train
 from capcli.training.objectives import XEObjective
 from tests.conftest import TINY_OVERRIDES, invoke
 

@@ -1,11 +1,11 @@
-"""BatchNorm folding for backbones run without gradients (capcli.models.fold, Encoder.regions)."""
+"""BatchNorm folding for backbones run without gradients (capcli.models.fast.fold, Encoder.regions)."""
 
 import timm
 import torch
 from torch import nn
 
 from capcli.models.encoder import Encoder
-from capcli.models.fold import conv_bn_pairs, fold_batchnorm
+from capcli.models.fast.fold import conv_bn_pairs, fold_batchnorm
 
 
 def _randomise_bn(module: nn.Module, seed: int = 0) -> None:
@@ -90,11 +90,11 @@ def test_encoder_runs_the_folded_copy_only_without_gradients():
     _randomise_bn(enc.backbone)
     images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
     enc.eval()
-    with torch.no_grad(), enc.frozen_weights():  # a fine-tuned backbone runs folded inside the promise
+    with torch.no_grad(), enc.derived_weights():  # a fine-tuned backbone runs folded inside the promise
         folded_out = enc.regions(images)
-        backbone = enc.__dict__["_folded"][1]
+        backbone = enc._folded._module
         assert backbone is not enc.backbone
-        assert enc.inference_backbone(enc.normalize(images)) is backbone  # made once
+        assert enc._inference_backbone(enc.normalize(images)) is backbone  # made once
         plain = enc._pooled(enc.backbone.forward_features(enc.normalize(images)))
     torch.testing.assert_close(folded_out, plain, rtol=1e-4, atol=1e-4)
     assert "_folded" not in " ".join(enc.state_dict())
@@ -102,10 +102,10 @@ def test_encoder_runs_the_folded_copy_only_without_gradients():
     out = enc.regions(images)
     assert out.requires_grad
     # a weight changed in place (an optimiser step) makes a new copy that sees it
-    with torch.no_grad(), enc.frozen_weights():
+    with torch.no_grad(), enc.derived_weights():
         enc.backbone.conv1.weight.mul_(2)
         refolded = enc.regions(images)
-        assert enc.__dict__["_folded"][1] is not backbone
+        assert enc._folded._module is not backbone
         plain = enc._pooled(enc.backbone.forward_features(enc.normalize(images)))
     torch.testing.assert_close(refolded, plain, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(refolded, folded_out, rtol=1e-3, atol=1e-3)
@@ -113,7 +113,7 @@ def test_encoder_runs_the_folded_copy_only_without_gradients():
 
 def test_a_fused_optimiser_step_never_leaves_a_stale_folded_copy():
     """Fused Adam updates weights in place without bumping their version counters: a backbone
-    being fine-tuned runs folded only inside frozen_weights(), whose copy is made afresh."""
+    being fine-tuned runs folded only inside derived_weights(), whose copy is made afresh."""
     torch.manual_seed(0)
     enc = Encoder("resnet18", pretrained=False, finetune=True, grid=2)
     _randomise_bn(enc.backbone)
@@ -122,7 +122,7 @@ def test_a_fused_optimiser_step_never_leaves_a_stale_folded_copy():
 
     def validate():
         enc.eval()
-        with torch.no_grad(), enc.frozen_weights():
+        with torch.no_grad(), enc.derived_weights():
             got = enc.regions(images)
             want = enc._pooled(enc.backbone.forward_features(enc.normalize(images)))
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
@@ -141,4 +141,4 @@ def test_encoder_without_batchnorm_keeps_its_backbone():
     enc = Encoder("convnext_atto", pretrained=False, finetune=False, grid=2).eval()
     with torch.inference_mode():
         enc.regions(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8))
-    assert enc.__dict__["_folded"][1] is enc.backbone
+    assert enc._folded._module is enc.backbone

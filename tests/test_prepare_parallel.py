@@ -58,8 +58,10 @@ def test_worker_pool_and_in_process_write_the_same_files(tmp_path):
 
 
 def test_default_workers_is_the_affinity_mask():
+    from capcli.runtime import usable_cpus
+
     want = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert prep.default_workers() == want
+    assert usable_cpus() == want
 
 
 def test_skip_reasons():

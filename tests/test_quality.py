@@ -14,10 +14,11 @@ from capcli.config import load_config
 from capcli.data.dataset import CaptionDataset
 from capcli.data.prepare import write_dataset
 from capcli.data.synthetic import records, render, save_png
+from capcli.decode import DecodeOptions
 from capcli.evaluate import evaluate_model
 from capcli.metrics import caption_scores
-from capcli.api import Captioner, load_captioner
-from capcli.training import train
+from capcli.api import Captioner, load_model
+from capcli.training.trainer import train
 
 CPU = torch.device("cpu")
 
@@ -32,9 +33,9 @@ def test_trained_model_captions_depend_on_the_image(tmp_path):
     cfg = load_config("tiny", [f"data.dir={data}", f"run.dir={tmp_path}", "run.name=q", "train.epochs=10",
                                "model.finetune=false", "train.lr=2e-3"])
     train(cfg, CPU)
-    model, vocab, _, _ = load_captioner(tmp_path / "q" / "checkpoints" / "best.pt")
+    model, vocab, _, _ = load_model(tmp_path / "q" / "checkpoints" / "best.pt")
     test = CaptionDataset(data, "test")
-    scores = evaluate_model(model, test, CPU, beam_size=3, vocab=vocab, meteor=False)
+    scores = evaluate_model(model, test, CPU, DecodeOptions(beam_size=3), vocab=vocab, meteor=False)
     hyps = [c["caption"] for c in scores["captions"]]
     refs = test.references()
     shuffled = hyps[:]
@@ -48,5 +49,6 @@ def test_trained_model_captions_depend_on_the_image(tmp_path):
     for r in [r for r in recs if r.split == "test"][:8]:
         save_png(r.source, tmp_path / r.file_name, 96)
         files.append(tmp_path / r.file_name)
-    rows = caption_files(Captioner.load(tmp_path / "q" / "checkpoints" / "best.pt", CPU), files, beam_size=3)
+    rows = caption_files(cap := Captioner.load(tmp_path / "q" / "checkpoints" / "best.pt", CPU), files,
+                         cap.decode_options(beam=3))
     assert [r["caption"] for r in rows] == hyps[:8]

@@ -14,9 +14,9 @@ from capcli.data.dataset import CaptionDataset
 from capcli.decode import Samples
 from capcli.errors import UserError
 from capcli.metrics import caption_scores, cider_d
-from capcli.models.captioner import Captioner
+from capcli.models.captioner import CaptionModel
 from capcli.text import tokenize
-from capcli.training import Trainer, train
+from capcli.training.trainer import Trainer, train
 from capcli.training.objectives import SCSTObjective
 from tests.conftest import TINY_OVERRIDES
 
@@ -42,7 +42,7 @@ def test_reward_is_the_metrics_cider_d(tiny_data):
     ds = CaptionDataset(tiny_data, "train")
     vocab = ds.vocab
     cfg = load_config("tiny", [f"data.dir={tiny_data}", *TINY_OVERRIDES])
-    objective = SCSTObjective(Captioner(cfg.model, len(vocab)), ds, samples=2, max_length=12)
+    objective = SCSTObjective(CaptionModel(cfg.model, len(vocab)), ds, samples=2, max_length=12)
     refs = ds.references()
     g = torch.Generator().manual_seed(0)
     rows = torch.full((len(ds), 13), vocab.pad, dtype=torch.long)
@@ -68,7 +68,7 @@ def test_mean_baseline_with_identical_samples_gives_no_gradient(tiny_data, monke
     ds = CaptionDataset(tiny_data, "train")
     cfg = load_config("tiny", [f"data.dir={tiny_data}", *TINY_OVERRIDES])
     torch.manual_seed(0)
-    model = Captioner(cfg.model, len(ds.vocab))
+    model = CaptionModel(cfg.model, len(ds.vocab))
     objective = SCSTObjective(model, ds, samples=3, baseline="mean", max_length=8)
     images = torch.stack([ds[i]["image"] for i in range(2)])
 
@@ -77,7 +77,7 @@ def test_mean_baseline_with_identical_samples_gives_no_gradient(tiny_data, monke
         tokens = rows.repeat_interleave(3, 0)
         return Samples(tokens, torch.ones(6, dtype=torch.bool), (tokens > 3).sum(1))
 
-    monkeypatch.setattr("capcli.decode.sample", same_three)
+    monkeypatch.setattr("capcli.training.objectives.sample", same_three)
     out = objective({"images": images, "index": torch.tensor([0, 1])})
     out["loss"].backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -92,7 +92,7 @@ def test_mean_baseline_with_identical_samples_gives_no_gradient(tiny_data, monke
         return Samples(tokens, torch.ones(6, dtype=torch.bool), torch.full((6,), 4))
 
     model.zero_grad()
-    monkeypatch.setattr("capcli.decode.sample", two_kinds)
+    monkeypatch.setattr("capcli.training.objectives.sample", two_kinds)
     out = objective({"images": images, "index": torch.tensor([0, 1])})
     out["loss"].backward()
     assert any(torch.count_nonzero(p.grad) > 0 for p in model.parameters() if p.grad is not None)
@@ -102,7 +102,7 @@ def test_scst_resume_is_exact(tiny_data, tmp_path, xe_run):
     extra = ["train.objective=scst", f"train.init_from={xe_run}", "train.epochs=2", "train.scst_samples=3"]
     train(cfg_for(tiny_data, tmp_path, "run.name=full", *extra), CPU)
     trainer = Trainer(cfg_for(tiny_data, tmp_path, "run.name=part", *extra), CPU)
-    trainer.emit = lambda e, **i: setattr(trainer, "stop_signal", "SIGTERM") if (
+    trainer.emit = lambda e, **i: setattr(trainer.signals, "received", "SIGTERM") if (
         e == "step" and i["epoch"] == 0 and i["step"] == 3) else None
     assert trainer.fit()["stop_reason"] == "signal"
     train(None, CPU, resume=tmp_path / "part")
@@ -131,8 +131,9 @@ def test_init_from_needs_the_datasets_vocabulary(tmp_path, xe_run, runner):
 @pytest.mark.slow
 def test_scst_beats_more_cross_entropy_on_the_synthetic_scenes(tmp_path, runner):
     """From a short xe run, 3 epochs of scst raise test CIDEr-D above 3 more epochs of xe."""
+    from capcli.decode import DecodeOptions
     from capcli.evaluate import evaluate_model
-    from capcli.api import load_captioner
+    from capcli.api import load_model
     from tests.conftest import invoke
 
     data = tmp_path / "data"
@@ -147,8 +148,8 @@ def test_scst_beats_more_cross_entropy_on_the_synthetic_scenes(tmp_path, runner)
     test = CaptionDataset(data, "test")
     scores = {}
     for name in ("xe", "xe_more", "scst"):
-        model, vocab, _, _ = load_captioner(tmp_path / name / "checkpoints" / "last.pt")
-        scores[name] = evaluate_model(model, test, CPU, beam_size=3, vocab=vocab, meteor=False)["cider"]
+        model, vocab, _, _ = load_model(tmp_path / name / "checkpoints" / "last.pt")
+        scores[name] = evaluate_model(model, test, CPU, DecodeOptions(beam_size=3), vocab=vocab, meteor=False)["cider"]
     (tmp_path / "scores.json").write_text(json.dumps(scores))
     print("test CIDEr-D:", scores)
     assert scores["scst"] > scores["xe_more"], scores

@@ -18,7 +18,7 @@ import timm
 import torch
 
 from capcli.config import CONFIG_DIR, load_config, resolve_config_path
-from capcli.models.captioner import Captioner
+from capcli.models.captioner import CaptionModel
 
 SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
 
@@ -90,7 +90,7 @@ def run_once(path: Path) -> dict:
     real = cfg.model.encoder in REAL
     torch.manual_seed(0)
     with torch.device("cpu" if real else "meta"):
-        model = Captioner(cfg.model, VOCAB, pretrained=False)
+        model = CaptionModel(cfg.model, VOCAB, pretrained=False)
         images = torch.zeros(BATCH, 3, size, size, dtype=torch.uint8)
         captions = torch.ones(BATCH, CAPTIONS, STEPS + 1, dtype=torch.long)
         logits, alphas = model(images, captions)

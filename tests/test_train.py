@@ -13,8 +13,8 @@ import torch
 
 from capcli.config import load_config
 from capcli.errors import UserError
-from capcli.training import Trainer, train
-from capcli.training.runtime import resolve_num_workers
+from capcli.training.trainer import Trainer, train
+from capcli.runtime import resolve_num_workers
 from capcli.training.schedules import LRSchedule, tf_ratio
 from tests.conftest import TINY_OVERRIDES
 
@@ -157,7 +157,7 @@ def test_resume_from_the_middle_of_an_epoch_is_exact(tiny_data, tmp_path):
 
     def stop_after_two(event, **info):
         if event == "step" and info["epoch"] == 1 and info["step"] == 2:
-            trainer.stop_signal = "SIGTERM"  # what the signal handler does
+            trainer.signals.received = "SIGTERM"  # what the signal handler does
 
     trainer.emit = stop_after_two
     stopped = trainer.fit()
@@ -181,11 +181,11 @@ def test_budget_covers_the_whole_run_and_ends_validated(tiny_data, tmp_path):
     writes last.pt and best.pt, and ends within the budget; --resume continues the same epoch."""
     cfg = cfg_for(tiny_data, tmp_path, "run.name=budget", "train.epochs=2", "train.max_minutes=0.2")
     trainer = Trainer(cfg, CPU)
-    trainer.clock = lambda: time.perf_counter() + 2.0 * trainer.step  # each step costs 2 s more
+    trainer.budget.clock = lambda: time.perf_counter() + 2.0 * trainer.step  # each step costs 2 s more
     summary = trainer.fit()
     assert summary["stop_reason"] == "max_minutes"
     assert 0 < trainer.step < trainer.steps_per_epoch  # stopped inside the first epoch
-    assert trainer.elapsed() <= 12.0  # inside the budget on its clock
+    assert trainer.budget.elapsed() <= 12.0  # inside the budget on its clock
     run = tmp_path / "budget"
     assert (run / "checkpoints" / "best.pt").is_file() and (run / "checkpoints" / "last.pt").is_file()
     rec = records(run)[-1]
@@ -227,8 +227,9 @@ def test_budget_counts_the_feature_cache(tiny_data, tmp_path):
 
 def test_frozen_encoder_caches_train_and_val_features(tiny_data, tmp_path):
     from capcli.data.dataset import CaptionDataset
+    from capcli.decode import DecodeOptions
     from capcli.evaluate import evaluate_model
-    from capcli.api import load_captioner
+    from capcli.api import load_model
 
     cached = train(cfg_for(tiny_data, tmp_path, "run.name=cached", "model.finetune=false"), CPU)
     plain = train(cfg_for(tiny_data, tmp_path, "run.name=plain", "model.finetune=false",
@@ -237,7 +238,7 @@ def test_frozen_encoder_caches_train_and_val_features(tiny_data, tmp_path):
     assert (folder / "train.h5").is_file() and (folder / "val-first3.h5").is_file()
     import h5py
 
-    model, *_ = load_captioner(tmp_path / "cached" / "checkpoints" / "last.pt")
+    model, *_ = load_model(tmp_path / "cached" / "checkpoints" / "last.pt")
     ds = CaptionDataset(tiny_data, "train")
     with h5py.File(folder / "train.h5") as f, torch.no_grad():
         regions = torch.from_numpy(f["regions"][:4]).float()
@@ -248,18 +249,18 @@ def test_frozen_encoder_caches_train_and_val_features(tiny_data, tmp_path):
     assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-2)
     assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-2)
     val = CaptionDataset(tiny_data, "val", max_images=3)
-    with_cache = evaluate_model(model, val, CPU, beam_size=1, features=folder / "val-first3.h5", meteor=False)
-    without = evaluate_model(model, val, CPU, beam_size=1, meteor=False)
+    with_cache = evaluate_model(model, val, CPU, DecodeOptions(beam_size=1), features=folder / "val-first3.h5", meteor=False)
+    without = evaluate_model(model, val, CPU, DecodeOptions(beam_size=1), meteor=False)
     assert with_cache["loss"] == pytest.approx(without["loss"], rel=1e-2)
 
 
 def test_finetune_after_trains_frozen_then_the_encoder(tiny_data, tmp_path):
-    from capcli.models.captioner import Captioner
+    from capcli.models.captioner import CaptionModel
 
     cfg = cfg_for(tiny_data, tmp_path, "run.name=two", "train.epochs=2", "train.finetune_after=1",
                   "model.finetune_stages=1")
     torch.manual_seed(cfg.seed)
-    start = Captioner(cfg.model, 10).encoder.backbone.state_dict()
+    start = CaptionModel(cfg.model, 10).encoder.backbone.state_dict()
     events = []
     trainer = Trainer(cfg, CPU, progress=lambda e, **i: events.append(e))
     trainer.cfg.train.epochs = 1  # stop after the frozen epoch, to look at it

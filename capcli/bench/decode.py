@@ -8,21 +8,14 @@ from pathlib import Path
 
 import torch
 
-from capcli.bench.harness import (
-    FIRST_WORD,
-    PeakMemory,
-    ProgressFn,
-    amp_name,
-    feature_shape,
-    free_memory,
-    model_config,
-    random_images,
-    sync,
-    with_oom_retry,
-)
+from capcli.api import load_model
+from capcli.bench.harness import (FIRST_WORD, PeakMemory, ProgressFn, feature_shape, model_config, random_images,
+                                  random_vocab, with_oom_retry)
+from capcli.decode import DecodeOptions, decode_features, default_batch_size
 from capcli.errors import UserError
-from capcli.training.runtime import autocast_dtype
+from capcli.models.captioner import CaptionModel
 from capcli.models.encoder import check_encoder_names
+from capcli.runtime import amp_name, autocast, autocast_dtype, free_memory, synchronize
 
 RANDOM_NOTE = ("random weights: the decoder rarely emits <end>, so most captions run to max_length "
                "words; this is the worst case of the beam search")
@@ -39,11 +32,6 @@ def bench_decode(encoder: str | None = None, *, beam: int = 3, images: int = 64,
     used, ``vocab`` is ignored and ``encoder``, if given, must match. ``max_length`` counts words.
     ``ended_fraction`` is the share of captions that ended with <end> before ``max_length``.
     """
-    from capcli.api import load_captioner
-    from capcli.data.vocab import Vocab
-    from capcli.evaluate import decode_features, default_batch_size
-    from capcli.models.captioner import Captioner
-
     device = torch.device(device)
     batch = batch or default_batch_size(device)  # the engine's, as caption and evaluate use it
     for key, value in (("beam", beam), ("images", images), ("max_length", max_length), ("batch", batch)):
@@ -52,7 +40,7 @@ def bench_decode(encoder: str | None = None, *, beam: int = 3, images: int = 64,
     amp_dtype = autocast_dtype(amp, device)
     note = None
     if checkpoint is not None:
-        model, voc, cfg, ckpt = load_captioner(checkpoint, "cpu")
+        model, voc, cfg, ckpt = load_model(checkpoint, "cpu")
         if encoder is not None and encoder != cfg.model.encoder:
             raise UserError(f"--encoder {encoder} does not match the checkpoint's encoder "
                             f"{cfg.model.encoder}; leave --encoder out to use the checkpoint's")
@@ -66,11 +54,12 @@ def bench_decode(encoder: str | None = None, *, beam: int = 3, images: int = 64,
             raise UserError(f"vocab {vocab} is too small: 4 ids are specials, so use at least {FIRST_WORD + 1}")
         check_encoder_names([encoder])
         image_size = image_size or 224
-        model = Captioner(model_config(encoder, grid, finetune=False), vocab, pretrained=False)
-        voc = Vocab(["<pad>", "<start>", "<end>", "<unk>", *(f"w{i}" for i in range(FIRST_WORD, vocab))])
+        model = CaptionModel(model_config(encoder, grid, finetune=False), vocab, pretrained=False)
+        voc = random_vocab(vocab)
         note = RANDOM_NOTE
     model.eval()
     feature_shape(model.encoder, image_size)
+    options = DecodeOptions(beam_size=beam, max_length=max_length, amp_dtype=amp_dtype)
 
     def run(n: int) -> dict:
         meter = PeakMemory(device).start()
@@ -83,22 +72,21 @@ def bench_decode(encoder: str | None = None, *, beam: int = 3, images: int = 64,
 
             @torch.inference_mode()
             def caption(size: int) -> list[list[int]]:  # the engine of evaluate and caption
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                with autocast(device, amp_dtype):
                     feats = model.encode(pixels_dev[:size])
-                return decode_features(model, voc, feats, beam_size=beam, max_length=max_length,
-                                       amp_dtype=amp_dtype)[1].tokens
+                return decode_features(model, voc, feats, options)[1].tokens
 
             for i in range(warmup):  # on a full batch: allocator, autotuning, lazy init
                 caption(n)
                 if progress is not None:
                     progress("warm-up", i + 1, warmup)
-            sync(device)
+            synchronize(device)
             times = []
             t0 = time.perf_counter()
-            with model.frozen_weights():  # as an evaluation does: derived weights once, timed
+            with model.derived_weights():  # as an evaluation does: derived weights once, timed
                 for i, size in enumerate(chunks):
                     tokens = caption(size)
-                    sync(device)
+                    synchronize(device)
                     times.append(time.perf_counter() - t0)
                     t0 = time.perf_counter()
                     lengths.extend(len(t) for t in tokens)

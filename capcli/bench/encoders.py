@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from capcli.bench.harness import (
-    PeakMemory,
-    ProgressFn,
-    amp_name,
-    backbone_params_m,
-    encoder_gflops,
-    feature_shape,
-    free_memory,
-    random_images,
-    time_fn,
-    with_oom_retry,
-)
+from capcli.bench.harness import (PeakMemory, ProgressFn, backbone_params_m, encoder_gflops, feature_shape,
+                                  random_images, time_fn, with_oom_retry)
 from capcli.bench.train import bench_train
 from capcli.errors import UserError
-from capcli.training.runtime import autocast_dtype
-from capcli.models.encoder import check_encoder_names
+from capcli.models.encoder import Encoder, check_encoder_names
+from capcli.runtime import amp_name, autocast, autocast_dtype, free_memory
 
 CPU_ENCODERS = ("convnext_atto", "convnext_femto", "convnext_pico")
 GPU_ENCODERS = ("convnext_tiny", "convnext_small", "convnext_base")  # the paper's sizes
@@ -39,8 +29,6 @@ def bench_encoder(name: str, *, image_size: int = 224, batch: int = 32, device: 
     peaks), then the settings. ``train_batch`` counts pairs; default ``batch * captions_per_image``
     (the same ``batch`` images as inference, each with its captions).
     """
-    from capcli.models.encoder import Encoder
-
     device = torch.device(device)
     if batch < 1:
         raise UserError(f"batch must be at least 1, got {batch}")
@@ -62,7 +50,7 @@ def bench_encoder(name: str, *, image_size: int = 224, batch: int = 32, device: 
 
             @torch.inference_mode()
             def forward() -> None:
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                with autocast(device, amp_dtype):
                     enc(images)
 
             timing = time_fn(forward, warmup, steps, device, progress, phase="inference")

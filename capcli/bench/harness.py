@@ -41,22 +41,22 @@ from typing import Callable
 
 import torch
 
+from capcli.data.vocab import SPECIALS, Vocab
 from capcli.errors import UserError
-from capcli.training.memory import free_memory, is_out_of_memory  # noqa: F401  (re-exported for the benchmarks)
-from capcli.training.runtime import amp_name  # noqa: F401  (re-exported for the benchmarks)
+from capcli.runtime import largest_that_fits, synchronize
+from capcli.version import __version__
 
 # progress(phase, done, total): e.g. ("train", 3, 13), counting warm-up and timed iterations
 ProgressFn = Callable[[str, int, int], None]
 
-PAD, START, END = 0, 1, 2  # capcli.data.vocab: <pad>=0, <start>=1, <end>=2, <unk>=3; random words are >= 4
-FIRST_WORD = 4
+FIRST_WORD = len(SPECIALS)  # random words are drawn from the ids after the specials
+
+
+def random_vocab(size: int) -> Vocab:
+    """A vocabulary of ``size`` tokens: the specials, then made-up words w4, w5, ..."""
+    return Vocab([*SPECIALS, *(f"w{i}" for i in range(FIRST_WORD, size))])
 
 # ----------------------------------------------------------------------------- timing, memory
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def time_fn(fn: Callable[[], object], warmup: int, iters: int, device: torch.device | str,
             progress: ProgressFn | None = None, phase: str = "run") -> dict:
@@ -73,12 +73,12 @@ def time_fn(fn: Callable[[], object], warmup: int, iters: int, device: torch.dev
         fn()
         if progress is not None:
             progress(phase, i + 1, total)
-    sync(device)  # warm-up work must not leak into the first timed step
+    synchronize(device)  # warm-up work must not leak into the first timed step
     times = []
     for i in range(iters):
         t0 = time.perf_counter()
         fn()
-        sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
         if progress is not None:
             progress(phase, warmup + i + 1, total)
@@ -167,21 +167,13 @@ class PeakMemory:
 
 
 def with_oom_retry(run: Callable[[int], dict], size: int, device: torch.device, what: str) -> dict:
-    """``run(size)``; on out-of-memory (CUDA or host) retry with ``size // 2`` until it fits (or size 0)."""
-    requested = size
-    while True:
-        try:
-            out = run(size)
-            break
-        except Exception as exc:  # noqa: BLE001 - only OOM is retried, the rest re-raised
-            if not is_out_of_memory(exc):
-                raise
-        free_memory(device)  # outside the except block: the traceback no longer pins the failed tensors
-        if size <= 1:
-            raise UserError(f"{what}: out of memory even with a batch of 1; use a smaller "
-                            "--image-size or another device")
-        size //= 2
-    out["oom_retries"] = int(round(math.log2(requested / size))) if size != requested else 0
+    """``run(size)``; on out-of-memory (CUDA or host) retry with ``size // 2`` until it fits. The
+    result says how many halvings it took (``oom_retries``)."""
+    ran, out = largest_that_fits(run, size, device)
+    if not ran:
+        raise UserError(f"{what}: out of memory even with a batch of 1; use a smaller "
+                        "--image-size or another device")
+    out["oom_retries"] = int(round(math.log2(size / ran)))
     return out
 
 
@@ -196,13 +188,16 @@ def random_captions(images: int, per_image: int, words: int, vocab: int, device:
                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(images, K, words + 2) ids and (images, K) lengths: <start>, random words, <end>, then
     <pad>. Lengths (counting <start> and <end>) are drawn uniformly from ``words // 2`` to
-    ``words + 1``, as the seed's benchmark draws them, so both decode the same number of steps."""
+    ``words + 1``, as the benchmark script of the paper's code draws them (docs/performance.md),
+    so that both decode the same number of steps."""
     g = torch.Generator().manual_seed(seed)
+    specials = random_vocab(FIRST_WORD)
     caps = torch.randint(FIRST_WORD, vocab, (images, per_image, words + 2), generator=g)
     lengths = torch.randint(max(2, words // 2), words + 2, (images, per_image), generator=g)
     pos = torch.arange(words + 2)
-    caps[:, :, 0] = START
-    caps = caps.masked_fill(pos == (lengths - 1).unsqueeze(2), END).masked_fill(pos >= lengths.unsqueeze(2), PAD)
+    caps[:, :, 0] = specials.start
+    caps = caps.masked_fill(pos == (lengths - 1).unsqueeze(2), specials.end)
+    caps = caps.masked_fill(pos >= lengths.unsqueeze(2), specials.pad)
     return caps.to(device), lengths.to(device)
 
 
@@ -245,7 +240,7 @@ def encoder_gflops(encoder, image_size: int) -> float:
     x = random_images(1, image_size, device)
     try:
         with torch.inference_mode():
-            encoder(x)  # a first call's one-off work (folding BatchNorm: capcli.models.fold) is not counted
+            encoder(x)  # a first call's one-off work (folding BatchNorm: capcli.models.fast.fold) is not counted
             with FlopCounterMode(display=False) as counter:
                 encoder(x)
     finally:
@@ -290,10 +285,8 @@ def env_info(device: torch.device | str) -> dict:
     """Versions and hardware, for the ``env`` block of benchmark JSON."""
     import timm
 
-    import capcli
-
     device = torch.device(device)
-    return {"capcli": capcli.__version__, "torch": torch.__version__, "timm": timm.__version__,
+    return {"capcli": __version__, "torch": torch.__version__, "timm": timm.__version__,
             "python": platform.python_version(), "device": str(device), "device_name": device_name(device),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             # other work on the machine skews CPU timings: the 1-minute load average says how much

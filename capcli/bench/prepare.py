@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from capcli.data.images import find_images
-from capcli.data.prepare import Record, default_workers, make_pool, write_dataset
+from capcli.data.prepare import Record, make_pool, write_dataset
+from capcli.runtime import usable_cpus
 from capcli.errors import UserError
 
 
@@ -83,7 +84,7 @@ def bench_prepare(images: str | Path | Sequence[str | Path], size: int = 256, wo
         files = files[:limit]
     if not files:
         raise UserError(f"no image files found in {', '.join(map(str, paths))}")
-    workers = default_workers() if workers is None else workers
+    workers = usable_cpus() if workers is None else workers
     for f in files:  # page cache: both paths read from memory
         Path(f).read_bytes()
     records = [Record(split="train", image_id=i, file_name=Path(f).name, captions=["a photo of something"],

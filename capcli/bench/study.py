@@ -27,7 +27,11 @@ import torch
 import yaml
 
 from capcli.config import load_config, resolve_config_path
+from capcli.decode import DecodeOptions
 from capcli.errors import UserError
+from capcli.evaluate import evaluate_checkpoint, run_eval_path
+from capcli.store import checkpoint
+from capcli.training.trainer import train
 
 GRID_DIR = Path(__file__).parent.parent / "configs" / "grids"
 
@@ -89,40 +93,29 @@ def combinations(grid: dict, extra: list[str] | None = None) -> list[tuple[str, 
 def run_study(grid: dict, device: torch.device, *, extra: list[str] | None = None,
               progress: Callable[..., None] | None = None) -> list[dict]:
     """Train and score every combination; returns one row per combination."""
-    from capcli.data.dataset import CaptionDataset
-    from capcli.evaluate import evaluate_model
-    from capcli.training.runtime import autocast_dtype
-    from capcli.api import load_captioner
-    from capcli.report import write_json
-    from capcli.training import train
-
     emit = progress or (lambda *a, **k: None)
     split = grid["evaluate"].get("split", "test")
-    beam = int(grid["evaluate"].get("beam", 3))
+    options = DecodeOptions(beam_size=int(grid["evaluate"].get("beam", 3)))
     rows = []
     combos = combinations(grid, extra)
     for i, (name, overrides, values) in enumerate(combos):
         cfg = load_config(grid["config"], [*overrides, f"run.name={name}", "run.overwrite=true"])
         cfg.run.dir = str(Path(cfg.run.dir) / grid["name"])
         run_dir = Path(cfg.run.dir) / name
-        eval_path = run_dir / f"eval-{split}" / "eval.json"
+        eval_path = run_eval_path(run_dir, split)
         emit("run_start", index=i, total=len(combos), name=name)
         if eval_path.is_file():
             scores = json.loads(eval_path.read_text())
             reused = True
         else:
-            if (run_dir / "checkpoints" / "last.pt").is_file():
-                last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-                if last["epoch"] < cfg.train.epochs:
+            last = run_dir / "checkpoints" / "last.pt"
+            if last.is_file():  # a stopped study: finish this run, unless its epochs are done
+                if checkpoint.load(last)["epoch"] < cfg.train.epochs:
                     train(None, device, resume=run_dir, progress=progress)
             else:
                 train(cfg, device, progress=progress)
-            model, vocab, mcfg, _ = load_captioner(run_dir / "checkpoints" / "best.pt", device)
-            dataset = CaptionDataset(cfg.data.dir, split)
-            scores = evaluate_model(model, dataset, device, beam_size=beam, vocab=vocab, meteor=False,
-                                    amp_dtype=autocast_dtype(mcfg.train.amp, device))
-            write_json(eval_path.with_name("captions.json"), scores.pop("captions"))
-            write_json(eval_path, scores)
+            scores, _ = evaluate_checkpoint(run_dir / "checkpoints" / "best.pt", device, options, data=cfg.data.dir,
+                                            split=split, meteor=False, output=eval_path)
             reused = False
         row = {"run": name, "run_dir": str(run_dir), "reused": reused,
                **dict(zip(grid["grid"], values)),
@@ -131,4 +124,3 @@ def run_study(grid: dict, device: torch.device, *, extra: list[str] | None = Non
         rows.append(row)
         emit("run_end", index=i, total=len(combos), row=row)
     return rows
-

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from capcli.bench.harness import (FIRST_WORD, PeakMemory, ProgressFn, amp_name, feature_shape, free_memory,
-                                  model_config, random_captions, random_images, time_fn, with_oom_retry)
+from capcli.bench.harness import (FIRST_WORD, PeakMemory, ProgressFn, feature_shape, model_config, random_captions,
+                                  random_images, time_fn, with_oom_retry)
 from capcli.errors import UserError
+from capcli.models.captioner import CaptionModel
 from capcli.models.encoder import check_encoder_names
-from capcli.training.runtime import autocast_dtype
+from capcli.runtime import amp_name, autocast_dtype, free_memory
+from capcli.training.objectives import TrainStep, XEObjective, make_adam
 
 MODES = ("frozen", "finetune", "cached")
 
@@ -23,17 +25,15 @@ def bench_train(encoder: str, *, image_size: int = 224, batch: int = 32, mode: s
 
     ``batch`` counts caption-image pairs as ``train.batch_size`` does: each step encodes
     ``batch // captions_per_image`` images and decodes ``captions_per_image`` captions of up to
-    ``max_length`` random words per image (lengths drawn as the seed's benchmark draws them, see
-    :func:`random_captions`), with teacher forcing at ``tf_ratio``. The step is the trainer's: the ``xe`` objective, then ``TrainStep``.
+    ``max_length`` random words per image (lengths drawn as :func:`random_captions` draws them),
+    with teacher forcing at ``tf_ratio``. The step is the trainer's: the ``xe`` objective, then
+    ``TrainStep``.
 
     Modes: ``finetune`` trains encoder and decoder; ``frozen`` runs the encoder under no_grad and
     trains the decoder; ``cached`` trains the decoder on precomputed random features of the
     encoder's output shape (the cost of training on cached features of a frozen encoder, without
     reading them from disk).
     """
-    from capcli.models.captioner import Captioner
-    from capcli.training.objectives import TrainStep, XEObjective, make_adam
-
     device = torch.device(device)
     if mode not in MODES:
         raise UserError(f"mode {mode!r}: use one of {', '.join(MODES)}")
@@ -54,7 +54,7 @@ def bench_train(encoder: str, *, image_size: int = 224, batch: int = 32, mode: s
     def run(images: int) -> dict:
         mcfg = model_config(encoder, grid, finetune=mode == "finetune")
         mcfg.channels_last = channels_last
-        model = Captioner(mcfg, vocab, pretrained=False)
+        model = CaptionModel(mcfg, vocab, pretrained=False)
         # cached: the encoder only gives the feature shape and never reaches the device
         feat_shape = feature_shape(model.encoder, image_size)
         cl = model.encoder.channels_last

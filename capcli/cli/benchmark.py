@@ -9,7 +9,8 @@ import typer
 
 from capcli.cli.common import DebugOpt, DeviceOpt, QuietOpt, command, resolve_device
 from capcli.errors import UserError
-from capcli.report import console, make_progress, table, write_json
+from capcli.report import console, make_progress, table
+from capcli.store.files import write_json
 
 app = typer.Typer(help="Benchmarks: encoders, decoding, training steps, preparing, the paper's study grid.",
                   no_args_is_help=True)
@@ -70,17 +71,19 @@ def encoders(
       capcli benchmark encoders --encoders convnext_atto,convnext_nano --image-size 96 --batch 16 --plot bench.png
       capcli benchmark encoders --encoders convnext_tiny,convnext_base --data data/coco --device cuda
     """
-    from capcli import bench
+    from capcli.bench.encoders import CPU_ENCODERS, GPU_ENCODERS, bench_encoder
+    from capcli.bench.harness import device_name, env_info, load_average, set_threads
+    from capcli.bench.plot import plot_encoders
     from capcli.models.encoder import check_encoder_names
 
     if plot is not None and plot.suffix.lower() != ".png":
         raise UserError(f"--plot {plot}: give a .png file name")
     dev = resolve_device(device)
-    bench.set_threads(threads)
+    set_threads(threads)
     names = [n.strip() for n in (encoders or "").split(",") if n.strip()]
     if encoders is not None and not names:
         raise UserError("--encoders is empty; give comma-separated timm names, e.g. convnext_atto,convnext_femto")
-    names = names or list(bench.GPU_ENCODERS if dev.type == "cuda" else bench.CPU_ENCODERS)
+    names = names or list(GPU_ENCODERS if dev.type == "cuda" else CPU_ENCODERS)
     check_encoder_names(names)  # fail on a typo before minutes of benchmarking
     size_from = "--image-size" if image_size else "default"
     if data is not None:
@@ -93,12 +96,12 @@ def encoders(
             image_size, size_from = int(manifest["image_size"]), str(data)
     image_size = image_size or 224
 
-    env = bench.env_info(dev)  # load_avg_1m before the runs; load_avg_1m_end after them
+    env = env_info(dev)  # load_avg_1m before the runs; load_avg_1m_end after them
     rows = []
     with make_progress(quiet) as bar:
         for name in names:
             task = bar.add_task(name, total=None, info=f"{image_size}px")
-            rows.append(bench.bench_encoder(name, image_size=image_size, batch=batch, device=dev, amp=amp,
+            rows.append(bench_encoder(name, image_size=image_size, batch=batch, device=dev, amp=amp,
                                             grid=grid, steps=steps, warmup=warmup, train_batch=train_batch,
                                             progress=_tracker(bar, task, name)))
             bar.update(task, description=f"{name} done")
@@ -108,7 +111,7 @@ def encoders(
                 "device": str(dev), "threads": threads or None, "weights": "random",
                 "peak_mem_kind": rows[0]["peak_mem_kind"],
                 "gflops_counts": "FlopCounterMode, multiply-add = 2 FLOPs, one image"}
-    env["load_avg_1m_end"] = bench.load_average()
+    env["load_avg_1m_end"] = load_average()
     write_json(output, {"rows": rows, "settings": settings, "env": env})
     kind = rows[0]["peak_mem_kind"] or "not measured"
     console.print(table(
@@ -118,7 +121,7 @@ def encoders(
           _num(r["train_samples_per_s"], 1), _num(r["peak_mem_mb"], 0)) for r in rows]))
     console.print(f"wrote {output}")
     if plot is not None:
-        bench.plot_encoders(rows, plot, title=f"{bench.device_name(dev)}, {image_size}px, batch {batch}")
+        plot_encoders(rows, plot, title=f"{device_name(dev)}, {image_size}px, batch {batch}")
         console.print(f"wrote {plot}")
 
 
@@ -133,7 +136,7 @@ def train(
     warmup: WarmupOpt = 3,
     captions_per_image: Annotated[int, typer.Option("--captions-per-image", min=1, help="Captions per image.")] = 5,
     vocab: Annotated[int, typer.Option("--vocab", min=5, help="Vocabulary size of the random captions.")] = 1000,
-    max_length: Annotated[int, typer.Option("--max-length", min=1, help="Longest random caption in words; lengths are drawn from half of it up, as the seed's benchmark draws them.")] = 20,
+    max_length: Annotated[int, typer.Option("--max-length", min=1, help="Longest random caption in words; lengths are drawn uniformly from half of it up.")] = 20,
     grid: Annotated[int, typer.Option("--grid", min=1, help="Feature grid side.")] = 7,
     tf_ratio: Annotated[float, typer.Option("--tf-ratio", min=0.0, max=1.0, help="Teacher-forcing ratio (1 = always the ground-truth word).")] = 1.0,
     channels_last: Annotated[str, typer.Option("--channels-last", help="Encoder memory format: auto (convnets) | true | false.")] = "auto",
@@ -154,19 +157,20 @@ def train(
       capcli benchmark train --encoder convnext_base --mode cached --batch 160 --steps 20 --output train.json
       capcli benchmark train --encoder convnext_atto --image-size 96 --mode frozen --device cpu
     """
-    from capcli import bench
+    from capcli.bench.harness import env_info, load_average, set_threads
+    from capcli.bench.train import MODES, bench_train
 
-    if mode not in bench.MODES:
-        raise UserError(f"--mode {mode!r}: use one of {', '.join(bench.MODES)}")
+    if mode not in MODES:
+        raise UserError(f"--mode {mode!r}: use one of {', '.join(MODES)}")
     cl = {"auto": "auto", "true": True, "false": False}.get(channels_last.lower())
     if cl is None:
         raise UserError(f"--channels-last {channels_last!r}: use auto, true or false")
     dev = resolve_device(device)
-    bench.set_threads(threads)
-    env = bench.env_info(dev)
+    set_threads(threads)
+    env = env_info(dev)
     with make_progress(quiet) as bar:
         task = bar.add_task(encoder, total=None, info=f"{mode}, batch {batch}")
-        result = bench.bench_train(encoder, image_size=image_size, batch=batch, mode=mode, steps=steps,
+        result = bench_train(encoder, image_size=image_size, batch=batch, mode=mode, steps=steps,
                                    warmup=warmup, device=dev, amp=amp, captions_per_image=captions_per_image,
                                    vocab=vocab, max_length=max_length, grid=grid, tf_ratio=tf_ratio,
                                    channels_last=cl, progress=_tracker(bar, task, encoder))
@@ -176,7 +180,7 @@ def train(
         ("batch", "pairs per step", 0), ("images_per_step", "images per step", 0), ("tf_ratio", "teacher forcing", 2),
         ("channels_last", "channels_last", 0), ("amp", "amp", 0)]))
     if output is not None:
-        write_json(output, {**result, "env": {**env, "load_avg_1m_end": bench.load_average()}})
+        write_json(output, {**result, "env": {**env, "load_avg_1m_end": load_average()}})
         console.print(f"wrote {output}")
 
 
@@ -209,15 +213,16 @@ def decode(
       capcli benchmark decode --encoder convnext_tiny --beam 5 --images 512 --vocab 10000 --device cuda
       capcli benchmark decode --checkpoint runs/tiny/checkpoints/best.pt --beam 5 --output decode.json
     """
-    from capcli import bench
+    from capcli.bench.decode import bench_decode
+    from capcli.bench.harness import env_info, load_average, set_threads
 
     dev = resolve_device(device)
-    bench.set_threads(threads)
-    env = bench.env_info(dev)
+    set_threads(threads)
+    env = env_info(dev)
     with make_progress(quiet) as bar:
         label = encoder or (checkpoint.name if checkpoint else "decode")
         task = bar.add_task(label, total=images, info=f"beam {beam}")
-        result = bench.bench_decode(encoder, beam=beam, images=images, max_length=max_length, vocab=vocab,
+        result = bench_decode(encoder, beam=beam, images=images, max_length=max_length, vocab=vocab,
                                     image_size=image_size, device=dev, checkpoint=checkpoint, batch=batch,
                                     warmup=warmup, amp=amp, progress=_tracker(bar, task, label))
     console.print(_pairs_table(
@@ -230,7 +235,7 @@ def decode(
     if result.get("note") and not quiet:
         console.print(f"note: {result['note']}")
     if output is not None:
-        write_json(output, {**result, "env": {**env, "load_avg_1m_end": bench.load_average()}})
+        write_json(output, {**result, "env": {**env, "load_avg_1m_end": load_average()}})
         console.print(f"wrote {output}")
 
 
@@ -254,7 +259,7 @@ def prepare(
       capcli benchmark prepare ../shared/data/coco-val500/val2017 --size 256 --repeats 3
       capcli benchmark prepare photos/ --workers 8 --resize crop --output prepare_bench.json
     """
-    from capcli import bench
+    from capcli.bench.harness import env_info
     from capcli.bench.prepare import bench_prepare
 
     if resize not in ("squash", "crop"):
@@ -270,7 +275,7 @@ def prepare(
             ("ratio", "prepare / bare", 3), ("skipped", "skipped", 0),
             ("parent_peak_rss_mb", "peak RSS, main process MB", 0), ("worker_peak_rss_mb", "peak RSS, a worker MB", 0)]))
     if output is not None:
-        write_json(output, {**result, "env": bench.env_info(resolve_device("cpu"))})
+        write_json(output, {**result, "env": env_info(resolve_device("cpu"))})
         console.print(f"wrote {output}")
 
 

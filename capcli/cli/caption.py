@@ -51,8 +51,7 @@ def caption(
     from capcli.api import Captioner
     from capcli.caption import OUTPUT_SUFFIXES, caption_files
     from capcli.data.images import find_images
-    from capcli.evaluate import default_batch_size
-    from capcli.training.runtime import cleanup_distributed, resolve_num_workers, setup_distributed
+    from capcli.runtime import cleanup_distributed, resolve_num_workers, setup_distributed
 
     if output is not None and output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise UserError(f"--output {output}: use a .jsonl, .json or .csv file name")
@@ -66,33 +65,20 @@ def caption(
     if d.world > 1 and output is None:
         raise UserError("under torchrun give --output: each process streams its rows there and rank 0 merges them")
     quiet = quiet or not d.main
-    if sample and seed is not None:
-        import torch
-
-        torch.manual_seed(seed + d.rank)
-    captioner = Captioner.load(model, dev, amp=amp)
-    files = find_images(paths)
-    if not files:
-        raise UserError(f"no image files found in {' '.join(paths)}; give files, folders or globs "
-                        "(jpg, png, bmp, gif, webp, tiff)")
-
-    def barrier() -> None:
-        if d.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
     try:
+        captioner = Captioner.load(model, dev, amp=amp)
+        files = find_images(paths)
+        if not files:
+            raise UserError(f"no image files found in {' '.join(paths)}; give files, folders or globs "
+                            "(jpg, png, bmp, gif, webp, tiff)")
+        options = captioner.decode_options(beam=beam, max_length=max_length, block_ngrams=block_ngrams, seed=seed,
+                                           sample={"temperature": temperature, "top_k": top_k} if sample else None)
         with make_progress(quiet or len(files) < 2) as bar:
             task = bar.add_task("caption", total=len(files), info=f"beam {beam}" if not sample else "sampling")
-            rows = caption_files(
-                captioner, files, output=output, resume=resume, rank=d.rank, world=d.world, barrier=barrier,
-                progress=lambda done, n: bar.update(task, completed=done),
-                beam_size=beam, max_length=max_length, block_ngrams=block_ngrams,
-                sample={"temperature": temperature, "top_k": top_k} if sample else None,
-                batch_size=batch_size or default_batch_size(dev),
-                num_workers=resolve_num_workers("auto" if workers is None else workers, d),
-                attention_dir=attention_maps)
+            rows = caption_files(captioner, files, options, output=output, resume=resume, dist=d,
+                                 progress=lambda done, n: bar.update(task, completed=done), batch_size=batch_size,
+                                 num_workers=resolve_num_workers("auto" if workers is None else workers, d),
+                                 attention_dir=attention_maps)
     finally:
         cleanup_distributed(d)
     if rows is None:  # not rank 0

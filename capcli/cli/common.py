@@ -23,9 +23,8 @@ ModelAmpOpt = Annotated[Optional[str], typer.Option(
 
 
 def resolve_device(spec: str):
-    """'auto' -> cuda if available else cpu (see :func:`capcli.training.runtime.resolve_device`;
-    imported when called, so that `--help` does not load torch)."""
-    from capcli.training.runtime import resolve_device as resolve
+    """'auto' -> cuda if available else cpu (see :func:`capcli.runtime.resolve_device`)."""
+    from capcli.runtime import resolve_device as resolve
 
     return resolve(spec)
 
@@ -50,10 +49,10 @@ _STACK_IMPORTED = False
 
 def import_torch_stack() -> None:
     """Import torch and timm with Python's cyclic garbage collector paused, then freeze what they
-    made (``gc.freeze``): about 350k objects (functions, types, dicts) that live as long as the
-    process. Otherwise the collector rescans all of them whenever the heap has grown by a quarter:
-    six full collections during these imports (0.9 s on a 2-core Xeon) and more later. Objects made
-    afterwards are collected as usual. Once per process (a test session invokes many commands)."""
+    made (``gc.freeze``): a few hundred thousand objects (functions, types, dicts) that live as
+    long as the process, which the collector would otherwise rescan whenever the heap has grown by
+    a quarter (docs/performance.md). Objects made afterwards are collected as usual. Once per
+    process (a test session invokes many commands)."""
     global _STACK_IMPORTED
     if _STACK_IMPORTED:
         return

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,7 +9,8 @@ import typer
 
 from capcli.cli.common import DebugOpt, DeviceOpt, ModelAmpOpt, QuietOpt, command, resolve_device
 from capcli.errors import UserError
-from capcli.report import console, make_progress, metrics_table, write_json
+from capcli.report import console, make_progress, metrics_table
+from capcli.store.files import write_json
 
 
 @command(torch=True)
@@ -42,8 +42,8 @@ def evaluate(
       capcli evaluate --results captions.json --data data/coco --split test
     """
     from capcli.data.dataset import CaptionDataset
-    from capcli.evaluate import default_batch_size, evaluate_model, score_results
-    from capcli.training.runtime import autocast_dtype
+    from capcli.decode import DecodeOptions
+    from capcli.evaluate import evaluate_checkpoint, score_results
 
     if results is not None:
         if amp is not None:
@@ -54,68 +54,26 @@ def evaluate(
             raise UserError("--results needs --data DIR (the dataset whose references score it)")
         dataset = CaptionDataset(data, split, max_images=max_images)
         scores = score_results(results, dataset, meteor=meteor)
-        out = output or results.with_name("eval.json")
-        write_json(out, scores)
+        out = write_json(output or results.with_name("eval.json"), scores)
         console.print(metrics_table(scores, f"{results} on {data}, split {split}"))
         console.print(f"wrote {out}")
         return
     if checkpoint is None:
         raise UserError("give a CHECKPOINT (file or run dir) or --results captions.json")
-    from capcli.api import load_captioner
-
-    t_start = time.perf_counter()
     dev = resolve_device(device)
-    batch_size = batch_size or default_batch_size(dev)
-    amp_dtype = autocast_dtype(amp, dev) if amp is not None else None  # a bad value fails before the model is read
-    model, vocab, cfg, ckpt = load_captioner(checkpoint, dev)
-    if amp is None:  # the model's own precision
-        amp_dtype = autocast_dtype(cfg.train.amp, dev)
-    load_s = time.perf_counter() - t_start
-    data = data or Path(ckpt.get("data", {}).get("dir", cfg.data.dir))
-    dataset = CaptionDataset(data, split, max_images=max_images)
     with make_progress(quiet) as bar:
-        features = None
-        t0 = time.perf_counter()
-        if not cfg.model.finetune and cfg.train.cache_features:  # a frozen encoder: its feature cache
-            features = frozen_features(model, dataset, dev, amp_dtype, batch_size, bar)
-        cache_s = time.perf_counter() - t0
-        task = bar.add_task(f"beam {beam}", total=len(dataset), info=split)
-        scores = evaluate_model(model, dataset, dev, beam_size=beam, max_length=max_length,
-                                batch_size=batch_size, num_workers=workers, alpha_c=cfg.train.alpha_c,
-                                amp_dtype=amp_dtype, meteor=meteor, vocab=vocab, features=features,
-                                block_ngrams=block_ngrams,
-                                progress=lambda done, n: bar.update(task, completed=done))
-    captions = scores.pop("captions")
-    scores.update({"checkpoint": str(checkpoint), "data": str(data), "split": split})
-    # load: checkpoint and model; feature_cache: a frozen encoder's cache of this split, made on
-    # the first evaluation only; total: the command from its start (Python's imports before it)
-    scores["seconds"] = {"load": round(load_s, 3), "feature_cache": round(cache_s, 3), **scores["seconds"],
-                         "total": round(time.perf_counter() - t_start, 3)}
-    if output is None:
-        ckpt_path = Path(checkpoint)
-        run_dir = ckpt_path if ckpt_path.is_dir() else ckpt_path.parent.parent
-        output = (run_dir / f"eval-{split}" / "eval.json") if (run_dir / "config.yaml").is_file() else Path("eval.json")
-    write_json(output, scores)
-    write_json(output.with_name("captions.json"), captions)
-    console.print(metrics_table(scores, f"{checkpoint} on {data}, split {split}, beam {beam}"))
+        tasks: dict[str, int] = {}
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                label, info = ("cache features", "frozen encoder, once") if phase == "cache" else (f"beam {beam}", split)
+                tasks[phase] = bar.add_task(label, total=total, info=info)
+            bar.update(tasks[phase], completed=done)
+
+        scores, output = evaluate_checkpoint(
+            checkpoint, dev, DecodeOptions(beam_size=beam, max_length=max_length or None, block_ngrams=block_ngrams),
+            data=data, split=split, amp=amp, batch_size=batch_size, max_images=max_images, num_workers=workers,
+            meteor=meteor, output=output, progress=progress)
+    console.print(metrics_table(scores, f"{checkpoint} on {scores['data']}, split {split}, beam {beam}"))
     console.print(f"wrote {output} and {output.with_name('captions.json')}")
     console.print("seconds: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in scores["seconds"].items()))
-
-
-def frozen_features(model, dataset, device, amp_dtype, batch_size: int, bar):
-    """The split's cached features for a model trained with a frozen encoder (made now if
-    missing, beside the training caches, reused by later evaluations); None where the dataset dir
-    cannot be written."""
-    import os
-
-    from capcli.data.features import build_cache, cache_dir, cache_file
-
-    path = cache_file(cache_dir(dataset.dir, model.encoder), dataset, amp_dtype)
-    if path.is_file():
-        return path
-    if not os.access(dataset.dir, os.W_OK):
-        return None
-    task = bar.add_task(f"cache {dataset.split} features", total=len(dataset), info="frozen encoder, once")
-    build_cache(model.encoder, dataset, device, path, batch_size=batch_size, amp_dtype=amp_dtype,
-                progress=lambda done, n: bar.update(task, completed=done))
-    return path

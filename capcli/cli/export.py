@@ -42,7 +42,7 @@ def export(
       capcli export runs/coco/checkpoints/best.pt models/coco --overwrite
       capcli caption models/tiny photo.jpg
     """
-    from capcli.checkpoint import MODEL_FILES, export_model
+    from capcli.store.folder import MODEL_FILES, export_model
 
     folder = export_model(run, out_dir, overwrite=overwrite)
     files = ", ".join(f"{name} ({_size(folder / name)})" for name in MODEL_FILES)
@@ -77,7 +77,7 @@ def push(
       capcli push runs/coco --repo my-org/convnext-captioner --private --message "epoch 20, CIDEr 1.02"
       capcli caption hf-hub:alice/capcli-tiny photo.jpg
     """
-    from capcli.hub import push_model
+    from capcli.store.folder import push_model
 
     url = push_model(run, repo, private=private, token=token, commit_message=message,
                      progress=None if quiet else lambda line: err_console.print(f"{line} ...", highlight=False))

@@ -6,10 +6,9 @@ import gc
 
 import typer
 
-from capcli import __version__
+from capcli.version import __version__
 from capcli.allocator import keep_freed_memory
-from capcli.cli import benchmark, caption, evaluate, prepare, quickstart, train
-from capcli.cli import export
+from capcli.cli import benchmark, caption, evaluate, export, prepare, quickstart, train
 
 app = typer.Typer(
     name="capcli",
@@ -48,6 +47,6 @@ def main() -> None:
         app()
     finally:
         # Python's last full collection at exit rescans every object still alive (a model, its
-        # data, the libraries): 1-1.5 s after an evaluation. Frozen objects are skipped; the
-        # process's memory goes back to the OS as a whole.
+        # data, the libraries), for nothing: the process's memory goes back to the OS as a whole.
+        # Frozen objects are skipped.
         gc.freeze()

@@ -96,12 +96,13 @@ def _report(manifest: dict, out: Path, quiet: bool) -> None:
 def _write(records, out: Path, quiet: bool, *, source: str, size: int, resize: Resize, captions_per_image: int,
            min_word_freq: int, max_length: int, workers: Optional[int], overwrite: bool, seed: int,
            extra: dict) -> None:
-    from capcli.data.prepare import default_workers, write_dataset
+    from capcli.data.prepare import write_dataset
+    from capcli.runtime import usable_cpus
 
     manifest = run_with_progress(
         quiet, write_dataset, records=records, out_dir=out, source=source, image_size=size,
         resize_policy=resize.value, captions_per_image=captions_per_image, min_word_freq=min_word_freq,
-        max_length=max_length, workers=default_workers() if workers is None else workers, seed=seed,
+        max_length=max_length, workers=usable_cpus() if workers is None else workers, seed=seed,
         extra_manifest=extra, overwrite=overwrite)
     _report(manifest, out, quiet)
 

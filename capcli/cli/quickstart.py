@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
 
 from capcli.cli.common import DebugOpt, DeviceOpt, QuietOpt, command, resolve_device
-from capcli.report import console, err_console, make_progress, metrics_table, table, write_json
+from capcli.report import console, err_console, make_progress, metrics_table, table
+from capcli.store.files import write_json
 
 
 @command(torch=True)
@@ -32,17 +34,18 @@ def quickstart(
     """
     import random
 
+    from capcli.api import Captioner
     from capcli.caption import caption_files
+    from capcli.cli.prepare import run_with_progress
+    from capcli.cli.train import training_progress
     from capcli.config import load_config
     from capcli.data.dataset import CaptionDataset
     from capcli.data.prepare import write_dataset
     from capcli.data.synthetic import records, render, save_png
-    from capcli.evaluate import evaluate_model, score_results
-    from capcli.api import Captioner
-    from capcli.cli.prepare import run_with_progress
-    from capcli.cli.train import training_progress
+    from capcli.decode import DecodeOptions
     from capcli.errors import UserError
-    from capcli.training import train as run_training
+    from capcli.evaluate import evaluate_checkpoint, score_results
+    from capcli.training.trainer import train as run_training
 
     dev = resolve_device(device)
     data_dir = out / "data"
@@ -69,22 +72,20 @@ def quickstart(
     run_dir = Path(summary["run_dir"])
 
     step(3, f"evaluate: test split, beam {beam}, no teacher forcing")
-    captioner = Captioner.load(run_dir / "checkpoints" / "best.pt", dev)
-    test = CaptionDataset(data_dir, "test")
-    scores = evaluate_model(captioner.model, test, dev, beam_size=beam, vocab=captioner.vocab,
-                            amp_dtype=captioner.amp_dtype)  # the model's precision, as `capcli evaluate`
-    captions = scores.pop("captions")
-    eval_dir = run_dir / "eval-test"
-    write_json(eval_dir / "eval.json", scores)
-    write_json(eval_dir / "captions.json", captions)
+    best = run_dir / "checkpoints" / "best.pt"
+    # in the model's precision, as `capcli evaluate`: eval-test/eval.json and captions.json
+    scores, eval_path = evaluate_checkpoint(best, dev, DecodeOptions(beam_size=beam), data=data_dir, split="test",
+                                            output=run_dir / "eval-test" / "eval.json")
+    eval_dir = eval_path.parent
+    captions = json.loads((eval_dir / "captions.json").read_text())
     # the same captions shuffled across images: what a model that ignores the image would score
     shuffled = [c["caption"] for c in captions]
     random.Random(0).shuffle(shuffled)
-    shuffled_path = eval_dir / "captions_shuffled.json"
-    write_json(shuffled_path, [{"image_id": c["image_id"], "caption": s} for c, s in zip(captions, shuffled)])
-    base = score_results(shuffled_path, test, meteor=False)
+    shuffled_path = write_json(eval_dir / "captions_shuffled.json",
+                               [{"image_id": c["image_id"], "caption": s} for c, s in zip(captions, shuffled)])
+    base = score_results(shuffled_path, CaptionDataset(data_dir, "test"), meteor=False)
     scores["shuffled_bleu4"] = base["bleu4"]
-    write_json(eval_dir / "eval.json", scores)
+    write_json(eval_path, scores)
     if not quiet:
         console.print(metrics_table(scores, f"test split ({scores['images']} images), beam {beam}"))
         console.print(f"BLEU-4 {100 * scores['bleu4']:.2f} vs {100 * base['bleu4']:.2f} for the same captions "
@@ -99,7 +100,8 @@ def quickstart(
         path = img_dir / r.file_name
         save_png(r.source, path, size)
         files.append(path)
-    rows = caption_files(captioner, files, beam_size=beam, attention_dir=out / "attention")
+    captioner = Captioner.load(best, dev)
+    rows = caption_files(captioner, files, captioner.decode_options(beam=beam), attention_dir=out / "attention")
     write_json(out / "captions.json", rows)
     refs = {str(img_dir / r.file_name): r.captions[0] for r in test_recs}
     console.print(table("Captions of test images", ["file", "caption", "a reference"],

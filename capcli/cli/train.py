@@ -30,7 +30,8 @@ def train(
       torchrun --nproc_per_node 4 -m capcli train convnext_small     (one process per GPU)
     """
     from capcli.config import load_config
-    from capcli.training import train as run_training
+    from capcli.runtime import launched_rank
+    from capcli.training.trainer import train as run_training
 
     overrides = list(overrides or [])
     if config is not None and "=" in config:
@@ -41,16 +42,14 @@ def train(
     if resume is not None and (config is not None or overrides):
         raise UserError("--resume continues a run with its saved config; drop the config and overrides")
     cfg = load_config(config, overrides) if resume is None else None
-    import os
-
-    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 speaks for the run
+    if launched_rank() != 0:  # torchrun: rank 0 speaks for the run
         quiet = True
     dev = resolve_device(device)
 
     with make_progress(quiet) as bar:
         summary = run_training(cfg, dev, resume=resume, progress=training_progress(bar, quiet))
 
-    if int(os.environ.get("RANK", "0")) != 0:
+    if launched_rank() != 0:
         return
     run_dir = Path(summary["run_dir"])
     console.print(finished_line(summary))

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from capcli.data.dataset import CaptionDataset, collate
 from capcli.errors import disk_space
+from capcli.runtime import amp_name, autocast
 
 
 def encoder_fingerprint(encoder) -> str:
@@ -47,7 +48,6 @@ def cache_dir(data_dir: str | Path, encoder) -> Path:
 def cache_file(folder: Path, dataset: CaptionDataset, amp_dtype: torch.dtype | None = None) -> Path:
     """The cache of ``dataset`` (a split, perhaps limited to its first images) in ``folder``, made
     in full precision or under autocast at ``amp_dtype``."""
-    from capcli.training.runtime import amp_name  # here: capcli.training imports this module
     with h5py.File(dataset.path, "r") as f:
         split_images = int(f["images"].shape[0])
     suffix = "" if len(dataset) == split_images else f"-first{len(dataset)}"
@@ -92,7 +92,7 @@ def build_cache(encoder, dataset: CaptionDataset, device: torch.device, path: Pa
         if progress is not None:
             progress(done, len(dataset))
         for batch in loader:
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            with autocast(device, amp_dtype):
                 regions = encoder.regions(batch["images"].to(device))
             arr = regions.float().cpu().numpy().astype(np.float16)
             left = arr[0].nbytes * (len(dataset) - done)

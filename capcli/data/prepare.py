@@ -41,11 +41,12 @@ from typing import Any, Callable, Iterable, Iterator
 import h5py
 import numpy as np
 
-import capcli
 from capcli.data.images import RESIZE_POLICIES, load_image
 from capcli.data.vocab import SPECIALS, Vocab
 from capcli.errors import UserError, disk_space
+from capcli.store.files import write_json
 from capcli.text import tokenize
+from capcli.version import __version__
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -69,14 +70,6 @@ class Record:
     captions: list[str]
     source: Any = None  # a file path for photo sources; a scene spec for synthetic scenes
     tokens: list[list[str]] = field(default_factory=list)  # unused by write_dataset (kept for callers)
-
-
-def default_workers() -> int:
-    """The CPUs this process may run on (its affinity mask), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -325,7 +318,7 @@ def _source_key(source: Any) -> Any:
 def fingerprint(settings: dict, records: list[Record], extra: dict | None) -> str:
     """A hash of everything the output depends on: settings, source info and every record."""
     h = hashlib.sha256()
-    head = {"format": FORMAT_VERSION, "capcli": capcli.__version__, "settings": settings, "extra": extra or {}}
+    head = {"format": FORMAT_VERSION, "capcli": __version__, "settings": settings, "extra": extra or {}}
     h.update(json.dumps(head, sort_keys=True, default=str).encode())
     for r in records:
         h.update(json.dumps([r.split, r.image_id, r.file_name, r.captions, _source_key(r.source)],
@@ -346,15 +339,13 @@ def check_output_dir(out: Path, what: str) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
+    write_json(path, data, indent=1)
 
 
 def _output_files(out: Path) -> list[Path]:
     names = ["manifest.json", "vocab.json", "skipped.json", STATE_FILE]
     found = [out / n for n in names if (out / n).exists()]
-    for pattern in ("*.h5", "*.h5.partial", "*.progress.json", ".*.tmp"):
+    for pattern in ("*.h5", "*.h5.partial", "*.progress.json", ".*.tmp*"):
         found.extend(sorted(out.glob(pattern)))
     return found
 
@@ -590,7 +581,7 @@ def write_dataset(
     _write_json(out / "skipped.json", skipped_all)
     seconds = time.perf_counter() - t0
     manifest = {
-        "capcli_version": capcli.__version__,
+        "capcli_version": __version__,
         "source": source,
         "image_size": image_size,
         "resize": resize_policy,

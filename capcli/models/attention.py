@@ -18,11 +18,7 @@ class SoftAttention(nn.Module):
         return self.enc_att(feats)
 
     def forward(self, feats: torch.Tensor, enc_proj: torch.Tensor, h: torch.Tensor):
-        """Context (B, enc_dim) and weights (B, P) for decoder state h (B, dec_dim).
-
-        One decoding step (beam search, sampling); the training pass computes the same from these
-        weights, fused (``_Recurrence`` in decoder.py): a change here must be made there too.
-        """
+        """Context (B, enc_dim) and weights (B, P) for decoder state h (B, dec_dim)."""
         scores = self.full_att(torch.relu(enc_proj + self.dec_att(h).unsqueeze(1))).squeeze(2)
         # softmax in at least float32 (under autocast the scores may be half precision)
         alpha = torch.softmax(scores, dim=1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(feats.dtype)

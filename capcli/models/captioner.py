@@ -1,4 +1,6 @@
-"""Encoder + decoder, built from the config and saved/loaded as state dicts (never pickled modules)."""
+"""The captioner: an encoder (a timm backbone pooled to regions) and the attention LSTM decoder,
+built from the ``model`` section of a config. Saved and loaded as state dicts, never as pickled
+modules."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from capcli.models.decoder import Decoder
 from capcli.models.encoder import Encoder
 
 
-class Captioner(nn.Module):
+class CaptionModel(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, pretrained: bool | str | None = None):
         super().__init__()
         self.cfg = cfg
@@ -24,11 +26,11 @@ class Captioner(nn.Module):
                                cfg.dec_dim, cfg.dropout)
 
     @contextlib.contextmanager
-    def frozen_weights(self):
-        """Promise that no weight changes inside the block (an evaluation, a captioning run): what
-        is derived from the weights (the decoder's gate table, the encoder's BatchNorm-folded
-        copy) is made once for all its batches."""
-        with self.encoder.frozen_weights(), self.decoder.frozen_weights():
+    def derived_weights(self):
+        """A block in which no weight changes (an evaluation, a captioning run): what the fast
+        paths derive from the weights (the decoder's word-gate table, the encoder's
+        BatchNorm-folded copy) is made once for all its batches."""
+        with self.encoder.derived_weights(), self.decoder.derived_weights():
             yield self
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:

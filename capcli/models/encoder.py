@@ -15,7 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from capcli.errors import UserError
-from capcli.models.depthwise import speed_up_depthwise
+from capcli.models import fast
+from capcli.models.fast import chunks
+from capcli.models.fast.depthwise import speed_up_depthwise
+from capcli.models.fast.fold import FoldedCopy
 
 
 def check_encoder_names(names: list[str]) -> None:
@@ -87,7 +90,11 @@ class Encoder(nn.Module):
 
         self.name = name
         self.backbone = _create_backbone(name, pretrained)
-        speed_up_depthwise(self.backbone)  # a faster weight gradient on small maps (CPU, fine-tuning)
+        self.fast = fast.enabled()  # False: the backbone runs as timm made it (see capcli.models.fast)
+        if self.fast:
+            speed_up_depthwise(self.backbone)  # a faster weight gradient on small maps (CPU, fine-tuning)
+        # what the fast inference path keeps (plain attributes: no state-dict keys, not moved by .to())
+        self._folded, self._chunks, self._derived_depth = FoldedCopy(), chunks.ChunkSizer(), 0
         data_cfg = resolve_model_data_config(self.backbone)
         self.register_buffer("mean", torch.tensor(data_cfg["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(data_cfg["std"]).view(1, 3, 1, 1), persistent=False)
@@ -153,93 +160,41 @@ class Encoder(nn.Module):
         x = (x - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    # Images per backbone call when a CPU encodes without gradients (caches, evaluation,
-    # captioning): a few images' activations stay near the cores, where a whole batch's go to
-    # memory; single images starve the GEMMs. At most CPU_CHUNK images, and no more than keep the
-    # chunk's largest activation under CPU_CHUNK_BYTES: glibc serves bigger blocks with fresh
-    # mmaps however it is tuned (capcli.allocator), page-faulted in at every layer. On a 2-core
-    # Xeon: convnext_atto at 224 px 9.1 ms an image in chunks of 8 (2 MB an image at most) against
-    # 12.3 in pairs; tf_efficientnet_lite0 at 256 px (6.3 MB an image) 17.5 ms in chunks of 4
-    # against 21.8 in chunks of 8 and 23.8 in pairs.
-    CPU_CHUNK = 8
-    CPU_CHUNK_BYTES = 28 << 20
-
     def regions(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's pooled region features (B, P, C), before the feature norm: what a
         frozen encoder's feature cache stores."""
         x = self.normalize(images)
         grad = torch.is_grad_enabled() and self.finetune
         with torch.set_grad_enabled(grad):
-            if grad or self.backbone.training:  # BatchNorm's batch statistics see the whole batch
+            if grad or self.backbone.training or not self.fast:
                 return self._pooled(self.backbone.forward_features(x))
-            backbone = self.inference_backbone(x)
-            if x.device.type == "cpu" and x.size(0) > 1:
-                chunk = self.cpu_chunk(x)
-                if x.size(0) > chunk:
-                    return torch.cat([self._pooled(backbone.forward_features(part)) for part in x.split(chunk)])
-            return self._pooled(backbone.forward_features(x))
+            # without gradients in eval mode: BatchNorm folded, a CPU's batch in chunks
+            return self._pooled(chunks.forward_features(self._inference_backbone(x), x, self._chunks))
+
+    def _inference_backbone(self, x: torch.Tensor) -> nn.Module:
+        """The backbone with its BatchNorms folded (a copy: :mod:`capcli.models.fast.fold`). A
+        backbone with trainable weights runs folded only inside :meth:`derived_weights`: a fused
+        optimizer updates weights in place without bumping their version counters, so a copy kept
+        between a fine-tuning run's validations could be stale."""
+        if self._derived_depth == 0 and any(p.requires_grad for p in self.backbone.parameters()):
+            return self.backbone
+        return self._folded.get(self.backbone, x)
 
     @contextlib.contextmanager
-    def frozen_weights(self):
-        """Promise that the backbone's weights do not change inside the block (an evaluation, a
-        captioning run), so that a backbone being fine-tuned may also run folded there (see
-        :meth:`inference_backbone`); its folded copy is made afresh for each block."""
+    def derived_weights(self):
+        """A block in which the backbone's weights do not change (an evaluation, a captioning run):
+        a backbone being fine-tuned may then run folded too, from a copy made afresh for the block."""
         trainable = any(p.requires_grad for p in self.backbone.parameters())
-        depth = self.__dict__.get("_frozen_depth", 0)
-        if trainable and depth == 0:
-            self.__dict__["_folded"] = None
-        self.__dict__["_frozen_depth"] = depth + 1
+        outermost = self._derived_depth == 0
+        if trainable and outermost:
+            self._folded.clear()
+        self._derived_depth += 1
         try:
             yield self
         finally:
-            self.__dict__["_frozen_depth"] = depth
-            if trainable and depth == 0:
-                self.__dict__["_folded"] = None
-
-    def inference_backbone(self, x: torch.Tensor) -> nn.Module:
-        """The backbone to run without gradients in eval mode: a copy with its BatchNorms folded
-        into their convolutions (:mod:`capcli.models.fold`) where it has any, else the backbone.
-        The copy is made on first use and again whenever the weights change or move (version
-        counters, data pointers); the backbone itself is never altered. A backbone with trainable
-        weights runs folded only inside :meth:`frozen_weights`: a fused optimizer updates weights
-        in place without bumping their version counters, so a copy kept between a fine-tuning
-        run's validations could be stale."""
-        if self.__dict__.get("_frozen_depth", 0) == 0 and any(p.requires_grad for p in self.backbone.parameters()):
-            return self.backbone
-        tensors = [*self.backbone.parameters(), *self.backbone.buffers()]
-        key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
-        cached = self.__dict__.get("_folded")  # not a submodule: no state-dict keys, not moved by .to()
-        if cached is None or cached[0] != key:
-            from capcli.models.fold import fold_batchnorm
-
-            self.__dict__["_folded"] = None  # the old copy goes before a new one is made
-            cached = (key, fold_batchnorm(self.backbone, x[:1]) or self.backbone)
-            self.__dict__["_folded"] = cached
-        return cached[1]
-
-    def cpu_chunk(self, x: torch.Tensor) -> int:
-        """Images per backbone call for inputs shaped like ``x`` on a CPU without gradients: found
-        once per input shape and precision by running one image with hooks on every module."""
-        from capcli.models.decoder import _active_autocast_dtype
-
-        key = (tuple(x.shape[1:]), x.dtype, _active_autocast_dtype("cpu"), self.CPU_CHUNK, self.CPU_CHUNK_BYTES)
-        sizes = self.__dict__.setdefault("_cpu_chunks", {})
-        if key not in sizes:
-            biggest = [0]
-
-            def note(_module, _inputs, out):
-                if isinstance(out, torch.Tensor):
-                    biggest[0] = max(biggest[0], out.numel() * out.element_size())
-
-            hooks = [m.register_forward_hook(note) for m in self.backbone.modules()]
-            try:
-                with torch.no_grad():
-                    self.backbone.forward_features(x[:1])
-            finally:
-                for h in hooks:
-                    h.remove()
-            sizes[key] = max(1, min(self.CPU_CHUNK, self.CPU_CHUNK_BYTES // max(1, biggest[0])))
-        return sizes[key]
+            self._derived_depth -= 1
+            if trainable and outermost:
+                self._folded.clear()
 
     def _pooled(self, feats: torch.Tensor) -> torch.Tensor:
         """``forward_features`` output -> (B, P, C) region features."""

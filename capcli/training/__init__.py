@@ -1,6 +1,3 @@
-"""The training recipe: a trainer (setup, train_epoch, validate, save_checkpoint, fit), pluggable
-objectives, schedules (teacher forcing, learning rates) and the runtime (DDP, autocast, seeds)."""
-
-from capcli.training.trainer import Trainer, train
-
-__all__ = ["Trainer", "train"]
+"""The training recipe: :mod:`.trainer` (the loop), :mod:`.objectives` (what a step optimises),
+:mod:`.schedules` (learning rates, teacher forcing), :mod:`.stopping` (time budgets, signals),
+:mod:`.runlog` (metrics.jsonl, TensorBoard) and :mod:`.memory` (a batch that fits)."""

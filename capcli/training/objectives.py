@@ -17,17 +17,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from capcli.metrics import topk_hits
-from capcli.models.decoder import caption_loss
+from capcli.decode import beam_search, sample
+from capcli.metrics import CiderD
+from capcli.models.loss import XE_SUMS, xe_loss, xe_summary
+from capcli.runtime import all_ranks_true, autocast
+from capcli.text import tokenize
 
 
 class XEObjective(nn.Module):
     """Cross-entropy of each next word plus the doubly stochastic attention penalty (Show, Attend
-    and Tell, weight ``alpha_c``), with teacher forcing at ``tf_ratio``. Also gives the
-    teacher-forced loss and top-5 accuracy that evaluation reports (``tf_ratio`` = 1)."""
+    and Tell, weight ``alpha_c``), with teacher forcing at ``tf_ratio``: :func:`capcli.models.loss.xe_loss`."""
 
     name = "xe"
-    sum_names = ("loss", "ce", "top5_hits", "tokens")
+    sum_names = XE_SUMS
+    summary = staticmethod(xe_summary)
 
     def __init__(self, model: nn.Module, alpha_c: float = 1.0):
         super().__init__()
@@ -36,23 +39,10 @@ class XEObjective(nn.Module):
 
     def forward(self, batch: dict, tf_ratio: float = 1.0, feats: torch.Tensor | None = None) -> dict:
         """``batch``: ``captions`` (B, K, T+1), ``lengths`` (B, K) and ``images`` or ``regions``;
-        ``feats``: the batch's region features when already computed (evaluation)."""
+        ``feats``: the batch's region features when already computed."""
         if feats is None:
             feats = self.model.features(batch.get("images"), batch.get("regions"))
-        captions = batch["captions"]
-        b, k, length = captions.shape
-        logits, alphas = self.model.decode_captions(feats, captions, tf_ratio, batch["lengths"])
-        targets = captions.reshape(b * k, length)[:, 1:]
-        loss, ce, mask = caption_loss(logits, targets, alphas, batch["lengths"].reshape(-1), self.alpha_c)
-        hits, tokens = topk_hits(logits.detach().float(), targets, mask, k=5)
-        sums = torch.stack([loss.detach() * tokens, ce.detach() * tokens, hits, tokens]).double()
-        return {"loss": loss, "sums": sums, "samples": b * k}
-
-    @staticmethod
-    def summary(sums: list[float]) -> dict:
-        loss, ce, hits, tokens = sums
-        n = max(tokens, 1.0)
-        return {"loss": loss / n, "ce": ce / n, "top5": hits / n}
+        return xe_loss(self.model, feats, batch["captions"], batch["lengths"], tf_ratio, self.alpha_c)
 
 
 class SCSTObjective(nn.Module):
@@ -77,9 +67,6 @@ class SCSTObjective(nn.Module):
     def __init__(self, model: nn.Module, train_set, *, samples: int = 5, baseline: str = "mean",
                  max_length: int = 16):
         super().__init__()
-        from capcli.metrics import CiderD
-        from capcli.text import tokenize
-
         self.model = model
         self.samples, self.baseline, self.max_length = samples, baseline, max_length
         vocab = train_set.vocab
@@ -106,8 +93,6 @@ class SCSTObjective(nn.Module):
         return torch.tensor(out, dtype=torch.float64)
 
     def forward(self, batch: dict, tf_ratio: float = 1.0, feats: torch.Tensor | None = None) -> dict:
-        from capcli.decode import beam_search, sample
-
         if feats is None:
             feats = self.model.features(batch.get("images"), batch.get("regions"))
         b, k = feats.size(0), self.samples
@@ -195,15 +180,10 @@ class TrainStep:
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
 
     def _finite(self, loss: torch.Tensor) -> bool:
-        ok = torch.isfinite(loss.detach()).float()
-        if self.world > 1:  # every rank skips, or none
-            import torch.distributed as dist
-
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        return bool(ok.item())
+        return all_ranks_true(torch.isfinite(loss.detach()).float(), self.world)  # every rank skips, or none
 
     def __call__(self, batch: dict, tf_ratio: float = 1.0) -> dict:
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+        with autocast(self.device, self.amp_dtype):
             out = self.task(batch, tf_ratio)
         self.optimizer.zero_grad(set_to_none=True)
         out["skipped"] = not self._finite(out["loss"])

@@ -2,82 +2,46 @@
 
 setup (data, model, objective, optimizer, schedules, restore) -> per epoch ``train_epoch`` (steps,
 with ``validate`` every ``train.val_every``) -> ``save_checkpoint`` -> cleanup. One process or
-many (torchrun/DDP); only rank 0 validates and writes files.
-
-Budgets: ``train.max_minutes`` bounds the whole run from its first second (cache pass, epochs,
-validation). The trainer keeps back what a validation and a checkpoint take (measured, or probed
-before the first validation), stops stepping when only that is left, validates the weights it has,
-saves ``last.pt`` and ``best.pt`` and ends inside the budget.
+many (torchrun/DDP); only rank 0 validates and writes files (:mod:`.runlog`). A time budget or a
+signal ends a run early, validated and saved (:mod:`.stopping`).
 
 Resume is exact: a checkpoint holds the weights, optimizer, schedules, RNG states and where in the
-epoch it was taken; the data order of an epoch depends only on the seed and the epoch, so a
-resumed run (even from the middle of an epoch) repeats the uninterrupted one bit for bit.
+epoch it was taken; the data order of an epoch depends only on the seed and the epoch
+(:class:`capcli.data.sampler.EpochSampler`), so a resumed run (even from the middle of an epoch)
+repeats the uninterrupted one bit for bit.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import signal
-import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
-import capcli
-from capcli import checkpoint
-from capcli.config import Config, best_metric, config_from_dict, parse_val_every, save_config
+from capcli.config import Config, best_metric, config_from_dict, parse_val_every
 from capcli.data.dataset import CaptionDataset, collate, trim_padding
 from capcli.data.features import CachedFeatureDataset, build_cache, cache_dir, cache_file, collate_cached
+from capcli.data.sampler import EpochSampler
+from capcli.decode import DecodeOptions
 from capcli.errors import UserError
 from capcli.evaluate import evaluate_model
-from capcli.models.captioner import Captioner
+from capcli.models.captioner import CaptionModel
+from capcli.runtime import (all_reduce_sum, autocast_dtype, broadcast_from_main, cleanup_distributed,
+                            is_out_of_memory, resolve_num_workers, rng_state, seed_everything, set_rng_state,
+                            setup_distributed)
+from capcli.store import checkpoint
+from capcli.training.memory import largest_fitting_batch
 from capcli.training.objectives import TrainStep, build_objective, make_adam
-from capcli.training.memory import is_out_of_memory, largest_fitting_batch
-from capcli.training.runtime import (all_reduce_sum, autocast_dtype, broadcast_from_main,
-                                     cleanup_distributed, resolve_num_workers, seed_everything,
-                                     setup_distributed)
+from capcli.training.runlog import RunLog, new_run_dir, summary_writer_class
 from capcli.training.schedules import LRSchedule, tf_ratio
+from capcli.training.stopping import Budget, StopSignals
+from capcli.version import __version__
 
 ProgressFn = Callable[..., None]
 VAL_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "rouge_l")
-
-
-def new_run_dir(cfg: Config) -> Path:
-    """runs/NAME, or runs/NAME-2, -3 ... when taken (unless run.overwrite)."""
-    base = Path(cfg.run.dir) / cfg.run.name
-    if cfg.run.overwrite or not base.exists():
-        return base
-    n = 2
-    while (base.parent / f"{base.name}-{n}").exists():
-        n += 1
-    return base.parent / f"{base.name}-{n}"
-
-
-class EpochSampler(Sampler[int]):
-    """The image order of an epoch: a permutation seeded by (seed, epoch) alone, split across ranks
-    as DistributedSampler does (padded to an even split), able to start after ``skip`` items, so
-    that a run resumed in the middle of an epoch sees the rest of the same order."""
-
-    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1):
-        self.n, self.seed, self.rank, self.world = n, seed, rank, world
-        self.per_rank = -(-n // world)
-        self.epoch, self.skip = 0, 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
-        order += order[: self.per_rank * self.world - self.n]  # pad: every rank gets as many
-        return iter(order[self.rank::self.world][self.skip:])
-
-    def __len__(self) -> int:
-        return max(0, self.per_rank - self.skip)
 
 
 class Trainer:
@@ -89,8 +53,7 @@ class Trainer:
 
     def __init__(self, cfg: Config | None, device: torch.device, *, resume: str | Path | None = None,
                  progress: ProgressFn | None = None):
-        self.clock = time.perf_counter  # every duration the trainer measures (a test may swap it)
-        self.t0 = self.clock()  # the budget counts from here
+        start = time.perf_counter()  # the budget counts from here
         self.emit = progress or (lambda *a, **k: None)
         self.d, self.device = setup_distributed(device)
         self.ckpt = None
@@ -101,10 +64,10 @@ class Trainer:
         else:
             self.run_dir = new_run_dir(cfg)
         self.cfg = cfg
-        self.budget = cfg.train.max_minutes * 60 if cfg.train.max_minutes else math.inf
+        self.budget = Budget(cfg.train.max_minutes, start)
+        self.signals = StopSignals()
         self.metric = best_metric(cfg)
-        self.stop_signal: str | None = None
-        self.tb = None
+        self.log: RunLog | None = None
         self.history: list[dict] = []
 
     @staticmethod
@@ -120,6 +83,8 @@ class Trainer:
 
     def setup(self) -> None:
         cfg, d = self.cfg, self.d
+        if cfg.log.tensorboard:
+            summary_writer_class()  # a missing package fails on every rank, before any work
         seed_everything(cfg.seed)  # the same initial weights on every rank (and feature-cache name)
         self._setup_data()
         self._setup_model()
@@ -138,14 +103,7 @@ class Trainer:
         self._setup_loader()
         self._wrap()
         if d.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "checkpoints").mkdir(exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-            if self.ckpt is not None:
-                self._rewind_run_files()
-            else:
-                self._clear_run_files()
-            self._setup_tensorboard()
+            self.log = RunLog(self.run_dir, cfg, resumed_step=self.step if self.ckpt is not None else None)
         if d.world > 1:
             torch.distributed.barrier()
 
@@ -169,7 +127,7 @@ class Trainer:
         cfg = self.cfg
         init = self._init_weights() if cfg.train.init_from and self.ckpt is None else None
         from_file = self.ckpt is not None or init is not None  # weights come from a checkpoint
-        self.model = Captioner(cfg.model, len(self.vocab), pretrained=False if from_file else None)
+        self.model = CaptionModel(cfg.model, len(self.vocab), pretrained=False if from_file else None)
         if init is not None:
             self.model.load_state_dict(init["model"])
         self.model.to(self.device)
@@ -234,35 +192,7 @@ class Trainer:
             self.scaler.load_state_dict(ck["scaler"])
         if ck.get("lr_schedule"):
             self.schedule.load_state_dict(ck["lr_schedule"])
-        checkpoint.set_rng_state(ck["rng"])
-
-    def _rewind_run_files(self) -> None:
-        """A run killed between writing a metrics record and its checkpoint (or in the middle of a
-        record) resumes from the checkpoint: records past its step go, and so do the temporary
-        files of checkpoint writes that a kill interrupted."""
-        path = self.run_dir / "metrics.jsonl"
-        if path.is_file():
-            kept = []
-            for line in path.read_text().splitlines(keepends=True):
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    break  # torn by a kill: it and anything after it
-                if not line.endswith("\n") or record.get("step", 0) > self.step:
-                    break
-                kept.append(line)
-            path.write_text("".join(kept))
-        for tmp in (self.run_dir / "checkpoints").glob(".*.tmp*"):
-            tmp.unlink(missing_ok=True)
-
-    def _clear_run_files(self) -> None:
-        """A fresh run in a reused dir (``run.overwrite``, or a first attempt killed before its
-        first checkpoint) starts with no records, checkpoints or event files of the old one:
-        appended to, they would mix two runs."""
-        (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        for old in (*(self.run_dir / "checkpoints").glob("*.pt"), *(self.run_dir / "checkpoints").glob(".*.tmp*"),
-                    *(self.run_dir / "tensorboard").glob("events.out.tfevents.*")):
-            old.unlink(missing_ok=True)
+        set_rng_state(ck["rng"])
 
     def _frozen_at(self, epoch: int) -> bool:
         return not self.cfg.model.finetune or epoch < self.cfg.train.finetune_after
@@ -274,7 +204,7 @@ class Trainer:
         self.val_cache = cache_file(folder, self.val_set, self.amp_dtype)
         complete = True
         if self.d.main:
-            deadline = time.perf_counter() + self.budget - self.elapsed() if math.isfinite(self.budget) else None
+            deadline = self.budget.deadline()
             for split, ds, path in (("train", self.train_set, self.train_cache), ("val", self.val_set, self.val_cache)):
                 if path.is_file():
                     continue
@@ -312,12 +242,6 @@ class Trainer:
         self.train_step = TrainStep(task, self.optimizer, self.scaler, self.device, self.amp_dtype,
                                     self.cfg.train.grad_clip, world=self.d.world)
 
-    def _setup_tensorboard(self) -> None:
-        if self.cfg.log.tensorboard:
-            from capcli.report import EventWriter
-
-            self.tb = EventWriter(self.run_dir / "tensorboard")
-
     def _unfreeze(self) -> None:
         """End of ``finetune_after``: train the encoder's configured stages at ``encoder_lr``, from images."""
         m, t = self.cfg.model, self.cfg.train
@@ -335,9 +259,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ loop
 
-    def elapsed(self) -> float:
-        return self.clock() - self.t0
-
     def fit(self) -> dict:
         self.stop_reason = "epochs"
         self.setup()
@@ -345,14 +266,12 @@ class Trainer:
             return self._finish()
         cfg = self.cfg
         self.val_n, self.val_unit = parse_val_every(cfg.train.val_every)
-        self.val_seconds = self._probe_validation() if math.isfinite(self.budget) else 0.0
-        self.save_seconds = 0.0
-        self.step_seconds = 0.0
+        self.budget.val_seconds = self._probe_validation() if self.budget.limited else 0.0
         self.emit("start", run_dir=str(self.run_dir), epochs=cfg.train.epochs, start_epoch=self.epoch,
                   steps_per_epoch=self.steps_per_epoch, device=str(self.device), world=self.d.world,
                   train_images=len(self.train_set), val_images=len(self.val_set),
                   workers=self.num_workers, cached=self.use_cache)
-        with self._signals():
+        with self.signals:
             while self.epoch < cfg.train.epochs and self.stop_reason == "epochs":
                 if self.frozen_stage and cfg.model.finetune and not self._frozen_at(self.epoch):
                     self._unfreeze()
@@ -360,13 +279,13 @@ class Trainer:
         return self._finish()
 
     def _finish(self) -> dict:
-        if self.tb is not None:
-            self.tb.close()
+        if self.log is not None:
+            self.log.close()
         cleanup_distributed(self.d)
         best = self.best if math.isfinite(self.best) else None
         return {"run_dir": str(self.run_dir), "best_metric": self.metric, "best_score": best,
                 "best_epoch": self.best_epoch, "epochs_run": self.epoch - self.start_epoch,
-                "stop_reason": self.stop_reason, "history": self.history, "seconds": round(self.elapsed(), 2)}
+                "stop_reason": self.stop_reason, "history": self.history, "seconds": round(self.budget.elapsed(), 2)}
 
     def train_epoch(self) -> None:
         """The rest of the current epoch (all of it unless resumed midway), validating on schedule;
@@ -377,13 +296,14 @@ class Trainer:
         ratio = tf_ratio(cfg.train, self.step, self.total_steps)
         self.emit("epoch_start", epoch=self.epoch, epochs=cfg.train.epochs, steps=self.steps_per_epoch,
                   done=self.batch_in_epoch, tf_ratio=ratio)
-        t_last = self.clock()
+        clock = self.budget.clock
+        t_last = clock()
         for batch in self.loader:
             stop = self._stop_now()
             if stop == "signal":  # pre-emption: save where we are, quickly, and go
                 self.stop_reason = stop
                 self.save_checkpoint("last.pt")
-                self.emit("stop", reason=stop, message=f"stopped by {self.stop_signal} at step {self.step}; "
+                self.emit("stop", reason=stop, message=f"stopped by {self.signals.received} at step {self.step}; "
                           f"last.pt saved: `capcli train --resume {self.run_dir}` continues it")
                 return
             if stop == "max_minutes":  # one more step would eat into the final validation's time
@@ -405,8 +325,8 @@ class Trainer:
                 self.epoch_samples += out["samples"]
             self.step += 1
             self.batch_in_epoch += 1
-            now = self.clock()
-            self.step_seconds = now - t_last  # the last step: what one more would take
+            now = clock()
+            self.budget.step_seconds = now - t_last  # the last step: what one more would take
             self.epoch_seconds += now - t_last
             t_last = now
             if self.batch_in_epoch % cfg.train.log_every == 0 or self.batch_in_epoch == self.steps_per_epoch:
@@ -416,7 +336,7 @@ class Trainer:
                 if self.stop_reason != "epochs":  # early stopping
                     return
                 self.model.train()
-                t_last = self.clock()
+                t_last = clock()
         # the epoch is complete: validate on schedule, at the end, or when the budget says stop
         self.epoch += 1
         self.batch_in_epoch = 0
@@ -479,22 +399,14 @@ class Trainer:
     def _stop_now(self, force_sync: bool = False) -> str | None:
         """"signal" (SIGTERM/SIGINT came), "max_minutes" (the budget would be passed), or None.
         With several processes rank 0 decides for all, every ``log_every`` steps (a broadcast)."""
-        reason = "signal" if self.stop_signal else "max_minutes" if self._out_of_time() else None
+        steps = 1 if self.d.world == 1 else self.cfg.train.log_every  # until the next check
+        reason = "signal" if self.signals.received else "max_minutes" if self.budget.out_of_time(steps) else None
         if self.d.world == 1:
             return reason
         if not force_sync and self.batch_in_epoch % self.cfg.train.log_every:
             return None
         codes = [None, "signal", "max_minutes"]
         return codes[int(broadcast_from_main([float(codes.index(reason))], self.d, self.device)[0])]
-
-    def _out_of_time(self) -> bool:
-        """True when the steps until the next check, then a validation and a checkpoint, would
-        pass the budget."""
-        if not math.isfinite(self.budget):
-            return False
-        steps = 1 if self.d.world == 1 else self.cfg.train.log_every
-        reserve = self.val_seconds + 2 * self.save_seconds + steps * self.step_seconds
-        return self.elapsed() + reserve + 0.01 * self.budget > self.budget
 
     def _end_of_stretch(self, ratio: float, *, validate: bool, epoch_done: bool = False) -> None:
         """Write a metrics record (validated or not) and checkpoints; decide early stopping."""
@@ -525,49 +437,38 @@ class Trainer:
                 self.emit("lr_cut", lrs=[g["lr"] for g in self.optimizer.param_groups])
         if math.isfinite(self.best):
             record[f"best_{self.metric}"] = self.best
-        record["elapsed_s"] = round(self.elapsed(), 2)
+        record["elapsed_s"] = round(self.budget.elapsed(), 2)
         if epoch_done:
             self.epoch_sums.zero_()
             self.epoch_samples, self.epoch_seconds = 0, 0.0
         if d.main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            self._log_tensorboard(record)
-            t0 = self.clock()
+            self.log.append(record)
+            t0 = self.budget.clock()
             self.save_checkpoint("last.pt")
             if improved:
                 self.save_checkpoint("best.pt")
-            self.save_seconds = max(self.save_seconds, self.clock() - t0)
+            self.budget.save_seconds = max(self.budget.save_seconds, self.budget.clock() - t0)
         self.history.append(record)
         self.emit("epoch_end", record=record)
         if validate and cfg.train.patience and self.bad_validations >= cfg.train.patience:
             self.stop_reason = "early_stopping"
-
-    def _log_tensorboard(self, record: dict) -> None:
-        if self.tb is None:
-            return
-        names = {"train_loss": "train/loss", "train_top5": "train/top5", "val_loss": "val/loss",
-                 "val_top5": "val/top5", "val_bleu4": "val/bleu4", "val_cider": "val/cider", "lr": "lr/decoder",
-                 "encoder_lr": "lr/encoder", "tf_ratio": "train/tf_ratio", "samples_per_s": "train/samples_per_s"}
-        for key, tag in names.items():
-            if isinstance(record.get(key), (int, float)):
-                self.tb.scalar(tag, float(record[key]), self.step)
-        self.tb.flush()
 
     # ------------------------------------------------------------------------------------ validation
 
     def validate(self) -> dict:
         """Free-running decoding of the val split (rank 0): every caption score, plus the
         teacher-forced loss and top-5. Timed, to keep back enough of a budget for the next one."""
-        t0 = self.clock()
+        t0 = self.budget.clock()
         self.emit("validate", epoch=self.epoch, images=len(self.val_set))
         scores = evaluate_model(
-            self.model, self.val_set, self.device, beam_size=self.cfg.train.val_beam, max_length=self.max_length,
-            batch_size=max(self.images_per_batch, 16), alpha_c=self.cfg.train.alpha_c, amp_dtype=self.amp_dtype,
-            meteor=False, features=self.val_cache if self.use_cache else None,
+            self.model, self.val_set, self.device, self._val_options(), batch_size=max(self.images_per_batch, 16),
+            alpha_c=self.cfg.train.alpha_c, meteor=False, features=self.val_cache if self.use_cache else None,
             progress=lambda done, n: self.emit("validate_step", done=done, total=n))
-        self.val_seconds = self.clock() - t0
+        self.budget.val_seconds = self.budget.clock() - t0
         return scores
+
+    def _val_options(self) -> DecodeOptions:
+        return DecodeOptions(beam_size=self.cfg.train.val_beam, max_length=self.max_length, amp_dtype=self.amp_dtype)
 
     def _probe_validation(self) -> float:
         """Seconds a validation will take, before the first one: decode one batch and scale up."""
@@ -575,12 +476,11 @@ class Trainer:
             return 0.0
         n = min(len(self.val_set), max(self.images_per_batch, 16))
         probe = CaptionDataset(self.cfg.data.dir, self.cfg.data.val_split, max_images=n)
-        t0 = self.clock()
-        evaluate_model(self.model, probe, self.device, beam_size=self.cfg.train.val_beam,
-                       max_length=self.max_length, batch_size=n, amp_dtype=self.amp_dtype, meteor=False,
+        t0 = self.budget.clock()
+        evaluate_model(self.model, probe, self.device, self._val_options(), batch_size=n, meteor=False,
                        features=self.val_cache if self.use_cache else None, score=False)
         self.model.train()
-        return (self.clock() - t0) * len(self.val_set) / max(n, 1) * 1.2 + 1.0
+        return (self.budget.clock() - t0) * len(self.val_set) / max(n, 1) * 1.2 + 1.0
 
     # ------------------------------------------------------------------------------------ checkpoints
 
@@ -608,37 +508,10 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "bad_validations": self.bad_validations,
             "skipped_steps": self.skipped_steps,
-            "rng": checkpoint.rng_state(),
-            "capcli_version": capcli.__version__,
+            "rng": rng_state(),
+            "capcli_version": __version__,
             "torch_version": str(torch.__version__),
         }, self.run_dir / "checkpoints" / name)
-
-    # ------------------------------------------------------------------------------------ signals
-
-    def _signals(self):
-        """SIGTERM (a scheduler's pre-emption) and SIGINT: finish the step, save last.pt, return."""
-        trainer = self
-
-        class _Handler:
-            def __enter__(self):
-                self.old = {}
-                if threading.current_thread() is not threading.main_thread():
-                    return self
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    self.old[sig] = signal.signal(sig, self.handle)
-                return self
-
-            def handle(self, signum, frame):
-                if trainer.stop_signal is not None:  # a second Ctrl-C: stop now
-                    raise KeyboardInterrupt
-                trainer.stop_signal = signal.Signals(signum).name
-
-            def __exit__(self, *exc):
-                for sig, old in self.old.items():
-                    signal.signal(sig, old)
-                return False
-
-        return _Handler()
 
 
 def train(cfg: Config | None, device: torch.device, *, resume: str | Path | None = None,

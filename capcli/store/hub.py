@@ -1,21 +1,21 @@
-"""The Hugging Face Hub: download a model folder (``hf-hub:user/name[@revision]``) and push one.
+"""The Hugging Face Hub, and nothing else: download a repo's files (``hf-hub:user/name[@revision]``)
+and upload a folder to a model repo. What the files are (a model folder) is :mod:`capcli.store.folder`'s
+business.
 
-A model on the Hub is a model folder (see :mod:`capcli.checkpoint`) in a model repository.
 Downloads go through ``huggingface_hub.snapshot_download`` and its cache (``HF_HOME``,
 ``HF_HUB_CACHE``): a repo is fetched once; with ``HF_HUB_OFFLINE=1`` only the cache is used.
-Only the model folder's files are fetched. Every Hub failure becomes a one-line
-:class:`~capcli.errors.UserError` naming the repo and the fix.
+Every Hub failure becomes a one-line :class:`~capcli.errors.UserError` naming the repo and the fix.
 """
 
 from __future__ import annotations
 
 import re
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
-from capcli.checkpoint import HUB_PREFIX, MODEL_FILES, export_model
 from capcli.errors import UserError
+from capcli.version import __version__
+
+HUB_PREFIX = "hf-hub:"  # a MODEL source on the Hub: hf-hub:user/name[@revision]
 
 # the Hub's rule for a repo id: namespace/name, letters, digits, '-', '_', '.', at most 96 each,
 # not starting or ending with '-' or '.', without '--' or '..'
@@ -74,18 +74,16 @@ def _first_line(exc: Exception) -> str:
     return text[0][:200] if text else type(exc).__name__
 
 
-def download(source: str) -> Path:
-    """The local folder (in the Hugging Face cache) of ``hf-hub:user/name[@revision]``."""
+def download(source: str, files: tuple[str, ...]) -> Path:
+    """The local folder (in the Hugging Face cache) holding ``files`` of ``hf-hub:user/name[@revision]``."""
     repo_id, revision = parse_source(source)
     hf = _hf()
     from huggingface_hub import constants, errors
 
-    import capcli
-
     try:
         folder = hf.snapshot_download(repo_id, revision=revision, repo_type="model",
-                                      allow_patterns=list(MODEL_FILES), library_name="capcli",
-                                      library_version=capcli.__version__)
+                                      allow_patterns=list(files), library_name="capcli",
+                                      library_version=__version__)
     except errors.RevisionNotFoundError as exc:
         raise UserError(f"{source}: revision {revision!r} not found in the Hub repo {repo_id}; "
                         "give an existing branch, tag or commit") from exc
@@ -120,45 +118,43 @@ def download(source: str) -> Path:
     return Path(folder)
 
 
-def push_model(source, repo_id: str, *, private: bool = False, token: str | None = None,
-               commit_message: str | None = None, progress: Callable[[str], None] | None = None) -> str:
-    """Export ``source`` (any MODEL source, typically a run dir) to a temporary model folder and
-    upload it to the Hub model repo ``repo_id`` (created if missing). Returns the repo's URL.
-
-    ``progress`` is called with a short line as each stage starts (export, upload)."""
-    progress = progress or (lambda line: None)
+def require_login(repo_id: str, token: str | None = None) -> str:
+    """``repo_id`` checked, and a UserError unless a Hub token is at hand (``token``, HF_TOKEN or a
+    login): before any work that an upload would end."""
     repo_id = check_repo_id(repo_id)
+    if not (token or _hf().get_token()):
+        raise UserError(f"not logged in to the Hugging Face Hub, so cannot push to {repo_id}: {LOGIN_HINT}, "
+                        "or pass --token")
+    return repo_id
+
+
+def upload(folder: Path, repo_id: str, *, private: bool = False, token: str | None = None,
+           commit_message: str | None = None) -> str:
+    """Upload ``folder``'s files to the Hub model repo ``repo_id`` (created if missing); its URL."""
+    repo_id = require_login(repo_id, token)
     hf = _hf()
     from huggingface_hub import errors
 
-    if not (token or hf.get_token()):
-        raise UserError(f"not logged in to the Hugging Face Hub, so cannot push to {repo_id}: {LOGIN_HINT}, "
-                        "or pass --token")
-    with tempfile.TemporaryDirectory(prefix="capcli-push-") as tmp:
-        progress(f"exporting {source}")
-        folder = export_model(source, Path(tmp) / "model", repo_id=repo_id)
-        progress(f"uploading to {repo_id}{' (private)' if private else ''}")
-        api = hf.HfApi(token=token)
-        try:
-            url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-            api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
-                              commit_message=commit_message or f"Upload capcli model from {Path(str(source)).name}")
-        except errors.LocalTokenNotFoundError as exc:
-            raise UserError(f"not logged in to the Hugging Face Hub, so cannot push to {repo_id}: {LOGIN_HINT}") from exc
-        except errors.HfHubHTTPError as exc:
-            status = _status(exc)
-            if status == 401:
-                raise UserError(f"the Hub did not accept the token (HTTP 401) pushing to {repo_id}: {LOGIN_HINT} "
-                                "with a valid token") from exc
-            if status == 403:
-                raise UserError(f"the token cannot write to {repo_id} (HTTP 403); use a token with write access to "
-                                "that user or organisation, or push to your own namespace") from exc
-            raise UserError(f"pushing to {repo_id} failed (HTTP {status}: {_first_line(exc)})") from exc
-        except ValueError as exc:
-            raise UserError(f"pushing to {repo_id}: {_first_line(exc)}") from exc
-        except Exception as exc:
-            if not _network_error(exc):
-                raise
-            raise UserError(f"cannot reach the Hugging Face Hub to push {repo_id} ({_first_line(exc)}); check the "
-                            "network") from exc
+    api = hf.HfApi(token=token)
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", commit_message=commit_message)
+    except errors.LocalTokenNotFoundError as exc:
+        raise UserError(f"not logged in to the Hugging Face Hub, so cannot push to {repo_id}: {LOGIN_HINT}") from exc
+    except errors.HfHubHTTPError as exc:
+        status = _status(exc)
+        if status == 401:
+            raise UserError(f"the Hub did not accept the token (HTTP 401) pushing to {repo_id}: {LOGIN_HINT} "
+                            "with a valid token") from exc
+        if status == 403:
+            raise UserError(f"the token cannot write to {repo_id} (HTTP 403); use a token with write access to "
+                            "that user or organisation, or push to your own namespace") from exc
+        raise UserError(f"pushing to {repo_id} failed (HTTP {status}: {_first_line(exc)})") from exc
+    except ValueError as exc:
+        raise UserError(f"pushing to {repo_id}: {_first_line(exc)}") from exc
+    except Exception as exc:
+        if not _network_error(exc):
+            raise
+        raise UserError(f"cannot reach the Hugging Face Hub to push {repo_id} ({_first_line(exc)}); check the "
+                        "network") from exc
     return str(getattr(url, "url", None) or url or f"https://huggingface.co/{repo_id}")

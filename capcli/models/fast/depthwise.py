@@ -1,10 +1,10 @@
 """Depthwise convolutions with a faster weight gradient on small feature maps on a CPU.
 
-ConvNeXt's last stage runs 7x7 depthwise convolutions on a 7x7 map (224 px input). There, the
-weight gradient of torch's CPU (oneDNN, channels_last) kernel took 13-21 ms per block for 3 images
-of convnext_tiny on a 2-core Xeon, where the same sums written as 49 shifted products over the
-channels-last tensors take about 2 ms: about 5% of a fine-tuning step. Larger maps keep torch's
-kernel (it wins there). Forward passes and the input gradient are torch's own everywhere.
+ConvNeXt's last stage runs 7x7 depthwise convolutions on a 7x7 map (224 px input). There, torch's
+CPU (oneDNN, channels_last) kernel for the weight gradient is several times slower than the same
+sums written as one shifted product-sum per kernel offset over the channels-last tensors
+(docs/performance.md has the numbers). Larger maps keep torch's kernel (it wins there). Forward
+passes and the input gradient are torch's own everywhere.
 
 :func:`speed_up_depthwise` switches a backbone's depthwise ``nn.Conv2d`` modules to
 :class:`DepthwiseConv2d`, which keeps their parameters and state-dict keys.

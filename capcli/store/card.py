@@ -1,0 +1,134 @@
+"""The model card: the README.md of a model folder, which the Hugging Face Hub shows as the
+model's page. YAML front matter for the Hub, then the model, its training data (from the dataset
+dir's manifest.json when it still exists), its training config, its scores (the run's
+eval-*/eval.json) and how to use it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _fmt_params(n: int | None) -> str:
+    if not n:
+        return "-"
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
+
+
+def _md_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    lines += ["| " + " | ".join("-" if c is None else str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _eval_rows(run_dir: Path | None) -> list[list]:
+    """One row per eval-*/eval.json of the run: BLEU, METEOR, ROUGE-L x100, CIDEr-D as is."""
+    if run_dir is None:
+        return []
+    rows = []
+    for path in sorted(run_dir.glob("eval-*/eval.json")):
+        try:
+            scores = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not isinstance(scores, dict):
+            continue
+
+        def pct(key, scores=scores):
+            v = scores.get(key)
+            return f"{100 * v:.2f}" if isinstance(v, (int, float)) else "-"
+
+        cider = scores.get("cider")
+        rows.append([scores.get("split") or path.parent.name[len("eval-"):], scores.get("beam_size"),
+                     scores.get("images"), pct("bleu1"), pct("bleu2"), pct("bleu3"), pct("bleu4"), pct("meteor"),
+                     pct("rouge_l"), f"{cider:.3f}" if isinstance(cider, (int, float)) else "-"])
+    return rows
+
+
+def _data_section(data_dir: str | None) -> list[str]:
+    lines = [f"Dataset dir at training time: `{data_dir}`." if data_dir else "The dataset dir is not recorded."]
+    manifest = None
+    if data_dir and (Path(data_dir) / "manifest.json").is_file():
+        try:
+            manifest = json.loads((Path(data_dir) / "manifest.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            manifest = None
+    if not isinstance(manifest, dict):
+        lines.append("")
+        lines.append("Its manifest was not available when this model was exported, so its facts are not recorded here.")
+        return lines
+    vocab = manifest.get("vocab") or {}
+    facts = [("source", manifest.get("source")), ("image size", manifest.get("image_size")),
+             ("resize", manifest.get("resize")), ("captions per image", manifest.get("captions_per_image")),
+             ("vocabulary size", vocab.get("size") if isinstance(vocab, dict) else None),
+             ("longest caption kept (words)", vocab.get("max_length") if isinstance(vocab, dict) else None),
+             ("prepared by capcli", manifest.get("capcli_version"))]
+    lines += ["", _md_table(["fact", "value"], [[k, v] for k, v in facts if v is not None])]
+    splits = manifest.get("splits") or {}
+    if isinstance(splits, dict) and splits:
+        lines += ["", _md_table(["split", "images", "captions"],
+                                [[name, s.get("images"), s.get("captions")] for name, s in splits.items()
+                                 if isinstance(s, dict)])]
+    return lines
+
+
+def model_card(meta: dict, vocab: list[str], files: dict[str, str], run_dir: Path | None = None,
+               repo_id: str | None = None) -> str:
+    """The README.md of a model folder whose ``config.json`` is ``meta`` (see
+    :func:`capcli.store.folder.model_folder_config`); ``files`` names the folder's files, each
+    with a line on what it holds."""
+    import yaml
+
+    model, prep, cfg = meta["model"], meta["preprocessing"], meta["config"]
+    model_cfg, train_cfg = cfg.get("model") or {}, cfg.get("train") or {}
+    encoder = model.get("encoder") or "?"
+    params = model.get("parameters") or {}
+    front = {"library_name": "capcli", "pipeline_tag": "image-to-text",
+             "tags": ["image-captioning", "image-to-text", "capcli", "show-attend-tell", "timm", str(encoder)]}
+    where = f"hf-hub:{repo_id}" if repo_id else "DIR"
+    title = f"capcli captioner: {encoder} + attention LSTM"
+    grid = model_cfg.get("grid")
+    out = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {title}", "",
+           ("An image captioner made with capcli: a timm image encoder "
+            f"(`{encoder}`) whose feature map is pooled to a grid of regions, and an LSTM decoder with soft "
+            "visual attention over those regions (Show, Attend and Tell), trained with capcli "
+            f"{meta.get('capcli_version', '?')}."), "",
+           "## Model", "",
+           _md_table(["part", "value"], [
+               ["encoder (timm)", f"`{encoder}`"],
+               ["encoder init", "pretrained weights" if model_cfg.get("pretrained") not in (False, "false", None)
+                else "random (trained from scratch)"],
+               ["encoder trained", "yes" if model_cfg.get("finetune", True) else "no (frozen)"],
+               ["regions", f"{grid} x {grid}" if grid else "as the backbone gives them"],
+               ["region features", model.get("feature_dim")],
+               ["word embedding", model.get("emb_dim")], ["attention", model.get("att_dim")],
+               ["LSTM hidden", model.get("dec_dim")], ["vocabulary", f"{len(vocab)} tokens"],
+               ["parameters", (f"{_fmt_params(params.get('total'))} (encoder {_fmt_params(params.get('encoder'))}, "
+                               f"decoder {_fmt_params(params.get('decoder'))})")],
+               ["input", (f"RGB, resized to {prep.get('image_size')} x {prep.get('image_size')} ({prep.get('resize')}), "
+                          f"normalised with mean {prep.get('mean')} and std {prep.get('std')}")],
+               ["longest caption", f"{meta['decoding'].get('max_length')} words"]]),
+           "", "## Training data", ""]
+    out += _data_section((cfg.get("data") or {}).get("dir") or (meta.get("data") or {}).get("dir"))
+    out += ["", "## Training", "",
+            (f"Objective `{train_cfg.get('objective', 'xe')}`, {train_cfg.get('epochs', '?')} "
+             f"epoch{'' if train_cfg.get('epochs') == 1 else 's'}, "
+             f"batch {train_cfg.get('batch_size', '?')} caption-image pairs, learning rate {train_cfg.get('lr', '?')} "
+             f"(encoder {train_cfg.get('encoder_lr', '?')}). The full resolved config:"), "",
+            "```yaml", yaml.safe_dump(cfg, sort_keys=False).strip(), "```", "", "## Evaluation", ""]
+    rows = _eval_rows(run_dir)
+    if rows:
+        out += [("Free-running beam search (no teacher forcing), scored with `capcli evaluate` against every "
+                 "reference caption. BLEU, METEOR and ROUGE-L x100; CIDEr-D on its usual scale."), "",
+                _md_table(["split", "beam", "images", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L",
+                           "CIDEr-D"], rows)]
+    else:
+        out += [("No evaluation was recorded with the run this model was exported from; score it with "
+                 f"`capcli evaluate {where} --data DATASET_DIR --split test`.")]
+    out += ["", "## How to use", "", "```bash", "pip install capcli", "```", "", "Python:", "", "```python",
+            "from capcli import Captioner", "",
+            f'captioner = Captioner.load("{where}")' + ("" if repo_id else '  # this folder, or "hf-hub:user/name"'),
+            'print(captioner.caption(["photo.jpg"]))  # beam search, beam 3', "```", "", "Command line:", "",
+            "```bash", f"capcli caption {where} photo.jpg", f"capcli caption {where} photos/ --beam 5 --output captions.csv",
+            "```", "", "## Files", "", *(f"- `{name}`: {what}" for name, what in files.items()), ""]
+    return "\n".join(out)
