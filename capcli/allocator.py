@@ -3,8 +3,8 @@
 glibc's malloc serves every block above its mmap threshold (128 KB, raised on the fly up to 32 MB)
 with a fresh ``mmap`` and returns it with ``munmap`` when freed; the top of the heap is trimmed
 back to the OS likewise. A CPU forward pass allocates and frees activations of a few MB to a few
-tens of MB at every layer, so each one is page-faulted in again, 4 KB at a time: about 2,000
-faults an image for convnext_atto at 224 px, a third of its CPU time (measured; see the README).
+tens of MB at every layer, so each one is page-faulted in again, 4 KB at a time (what that costs
+is in docs/performance.md).
 Fixing the threshold at its maximum and not trimming lets freed blocks be reused, as the
 caching allocators of jemalloc or tcmalloc (and CUDA's) do.
 

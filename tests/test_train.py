@@ -104,7 +104,7 @@ def test_cosine_with_warmup_per_group():
     assert got[4] == pytest.approx([1e-4, 1e-5])  # the floor: min_lr_ratio
 
 
-def test_plateau_is_the_seeds_rule_and_survives_a_checkpoint():
+def test_plateau_cuts_the_rates_after_patience_and_survives_a_checkpoint():
     t = load_config("tiny", ["train.lr_schedule=plateau"]).train  # x0.8 after 8 bad validations
     opt = _optimizer()
     sched = LRSchedule(t, opt, total_steps=10)
@@ -306,6 +306,37 @@ def test_tensorboard_event_files(tiny_data, tmp_path):
     losses = acc.Scalars("train/loss")
     assert [e.step for e in losses] == [6, 12]
     assert [e.value for e in losses] == pytest.approx([r["train_loss"] for r in records(tmp_path / "tb")], rel=1e-6)
+
+
+def test_results_png_draws_each_validation(tiny_data, tmp_path):
+    """results.png holds the run's curves, redrawn at each validation: a point of every series
+    that has a value (colours of capcli.training.curves.PANELS), and missing values left out."""
+    from PIL import Image
+
+    from capcli.training.curves import PANEL_H, PANEL_W, PANELS, draw_curves
+
+    train(cfg_for(tiny_data, tmp_path, "run.name=png", "train.epochs=2"), CPU)
+    img = Image.open(tmp_path / "png" / "results.png")
+    assert img.format == "PNG" and img.size == (2 * PANEL_W, 2 * PANEL_H)
+    colours = {c for _, series, _ in PANELS for _, _, c in series}
+    assert colours <= {c for _, c in img.getcolors(1 << 20)}  # every series drawn
+    blank = draw_curves([{"epoch": 1, "train_loss": float("nan"), "val_bleu4": None}], tmp_path / "blank.png")
+    assert not colours & {c for _, c in Image.open(blank).getcolors(1 << 20)}  # nothing to draw, no crash
+
+
+def test_tensorboard_missing_is_a_one_line_error_before_any_work(runner, tiny_data, tmp_path, monkeypatch):
+    """tensorboard is an optional extra: without it, log.tensorboard=true stops at once with the
+    install command, and no run dir is made."""
+    import sys
+
+    from tests.conftest import invoke
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # the import fails as when it is missing
+    result = invoke(runner, ["train", "tiny", f"data.dir={tiny_data}", f"run.dir={tmp_path}", "run.name=notb",
+                             *TINY_OVERRIDES, "log.tensorboard=true", "--device", "cpu"], code=1)
+    assert 'pip install "capcli[tensorboard]"' in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "notb").exists()
 
 
 # ------------------------------------------------------------------------------------ DDP

@@ -153,8 +153,8 @@ def build_objective(cfg, model: nn.Module, train_set=None, max_length: int = 16)
 
 def make_adam(groups: list[dict], weight_decay: float = 0.0) -> torch.optim.Adam:
     """Adam in its fused form where this torch has it for the parameters' device (CUDA; the CPU
-    from torch 2.4): one kernel for all parameters instead of a loop over them, 4x faster than
-    the default on a CPU at the decoder's size. Else the multi-tensor (foreach) form."""
+    from torch 2.4): one kernel for all parameters instead of a loop over them, several times
+    faster than the default on a CPU at the decoder's size. Else the multi-tensor (foreach) form."""
     try:
         return torch.optim.Adam(groups, weight_decay=weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError):  # fused not supported here

@@ -1,5 +1,6 @@
 """A run's files for people and tools: ``runs/NAME/`` itself (numbered when taken),
-``config.yaml``, ``metrics.jsonl`` (one JSON object per validation or epoch) and, with
+``config.yaml``, ``metrics.jsonl`` (one JSON object per validation or epoch), ``results.png`` (the
+curves, redrawn at each validation: :mod:`.curves`) and, with
 ``log.tensorboard``, TensorBoard event files in ``tensorboard/`` (``torch.utils.tensorboard``,
 from the optional ``tensorboard`` package: ``pip install "capcli[tensorboard]"``).
 
@@ -14,9 +15,11 @@ from pathlib import Path
 
 from capcli.config import Config, save_config
 from capcli.errors import UserError
-from capcli.store.files import JsonlLog, read_jsonl
+from capcli.store.files import JsonlLog, atomic_path, read_jsonl
+from capcli.training.curves import draw_curves
 
 METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "results.png"
 TENSORBOARD_DIR = "tensorboard"
 # metrics.jsonl keys -> TensorBoard tags
 TB_TAGS = {"train_loss": "train/loss", "train_top5": "train/top5", "val_loss": "val/loss", "val_top5": "val/top5",
@@ -55,12 +58,14 @@ class RunLog:
         self.path = run_dir / METRICS_FILE
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        self.records: list[dict] = []
         if resumed_step is not None:
-            read_jsonl(self.path, until=lambda record: record.get("step", 0) > resumed_step)
+            self.records = read_jsonl(self.path, until=lambda record: record.get("step", 0) > resumed_step)
             for tmp in (run_dir / "checkpoints").glob(".*.tmp*"):  # checkpoint writes a kill interrupted
                 tmp.unlink(missing_ok=True)
         else:  # appended to, the old files would mix two runs
             self.path.unlink(missing_ok=True)
+            (run_dir / CURVES_FILE).unlink(missing_ok=True)
             for old in (*(run_dir / "checkpoints").glob("*.pt"), *(run_dir / "checkpoints").glob(".*.tmp*"),
                         *(run_dir / TENSORBOARD_DIR).glob("events.out.tfevents.*")):
                 old.unlink(missing_ok=True)
@@ -68,8 +73,13 @@ class RunLog:
         self._tb = summary_writer_class()(str(run_dir / TENSORBOARD_DIR)) if cfg.log.tensorboard else None
 
     def append(self, record: dict) -> None:
-        """One record: a line of metrics.jsonl, and its scalars in TensorBoard at its step."""
+        """One record: a line of metrics.jsonl, its scalars in TensorBoard at its step, and (a
+        validation) the curves redrawn."""
         self._log.append([record])
+        self.records.append(record)
+        if "val_bleu4" in record:
+            with atomic_path(self.run_dir / CURVES_FILE) as tmp:
+                draw_curves(self.records, tmp)
         if self._tb is not None:
             for key, tag in TB_TAGS.items():
                 value = record.get(key)

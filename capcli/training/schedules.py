@@ -14,8 +14,8 @@ Learning rates (``train.lr_schedule``), each parameter group keeping its own ini
 (decoder ``train.lr``, encoder ``train.encoder_lr``):
 
 - ``none``: constant;
-- ``plateau``: the seed's rule, x ``lr_factor`` (0.8) each time ``lr_patience`` (8) validations in
-  a row brought no better ``best_metric``;
+- ``plateau``: x ``lr_factor`` (0.8) each time ``lr_patience`` (8) validations in a row brought no
+  better ``best_metric`` (the rule of the paper's code);
 - ``cosine``: from the initial rate down to ``min_lr_ratio`` of it over the run;
 - every schedule starts with a linear warm-up over ``warmup_steps`` steps (0 = none).
 """

@@ -29,7 +29,7 @@ from capcli.decode import DecodeOptions
 from capcli.errors import UserError
 from capcli.evaluate import evaluate_model
 from capcli.models.captioner import CaptionModel
-from capcli.runtime import (all_reduce_sum, autocast_dtype, broadcast_from_main, cleanup_distributed,
+from capcli.runtime import (all_reduce_sum, autocast_dtype, barrier, broadcast_from_main, cleanup_distributed,
                             is_out_of_memory, resolve_num_workers, rng_state, seed_everything, set_rng_state,
                             setup_distributed)
 from capcli.store import checkpoint
@@ -104,8 +104,7 @@ class Trainer:
         self._wrap()
         if d.main:
             self.log = RunLog(self.run_dir, cfg, resumed_step=self.step if self.ckpt is not None else None)
-        if d.world > 1:
-            torch.distributed.barrier()
+        barrier(d)
 
     def _setup_data(self) -> None:
         cfg = self.cfg
