@@ -80,8 +80,10 @@ def caption_batches(captioner, files: list[Path], options: DecodeOptions, *, bat
                         attention_dir.mkdir(parents=True, exist_ok=True)
                         out = attention_dir / f"{files[i].stem}_attention.png"
                         words = [vocab.itos[t] for t in result.tokens[j]]
-                        attention_figure(batch["images"][j].numpy(), words,
-                                         result.alphas[j].float().cpu().numpy()).save(out)
+                        figure = attention_figure(batch["images"][j].numpy(), words,
+                                                  result.alphas[j].float().cpu().numpy())
+                        with disk_space(out, 3 * figure.width * figure.height, "free some space and rerun"):
+                            figure.save(out)
                         rows[i]["attention_map"] = str(out)
             yield [rows[i] for i in batch["index"]]
 
@@ -192,7 +194,9 @@ def caption_files(captioner, files: list[Path], options: DecodeOptions, *, outpu
         return made
     done = read_done(output)
     rows = [done[str(f)] for f in files if str(f) in done]
-    write_rows(output, rows)
+    with disk_space(output, sum(len(json.dumps(r, ensure_ascii=False)) + 8 for r in rows),
+                    "the rows made so far are kept: free some space, then rerun with --resume"):
+        write_rows(output, rows)
     for part in {stream_path(output), *output.parent.glob(f"{output.name}.rank*.jsonl")}:
         if part != output and part.exists():
             part.unlink()

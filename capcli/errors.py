@@ -9,10 +9,32 @@ class UserError(Exception):
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    """An OSError for a full disk (errno ENOSPC), also as h5py words it."""
+    """An error for a full disk: an OSError with errno ENOSPC (or EDQUOT), also as h5py words
+    HDF5's own failed writes (an OSError or a RuntimeError naming errno 28)."""
     import errno
 
-    return isinstance(exc, OSError) and (exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc))
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, (OSError, RuntimeError)) and "No space left" in str(exc)
+
+
+def hold_open(exc: BaseException, obj: object) -> None:
+    """Keep ``obj``, a file that must not be closed, alive as long as ``exc``: HDF5 cannot close a
+    file whose metadata a full disk kept it from writing, nor drop any object of it, without
+    crashing the process (HDF5 2.0; see :mod:`capcli.data.h5writer`). The command line ends the
+    process on such an error, without closing anything (:func:`holds_open`)."""
+    exc.__dict__.setdefault("held_open", []).append(obj)
+
+
+def holds_open(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an error it was raised from or during, holds a file open (:func:`hold_open`)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if exc.__dict__.get("held_open"):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _size(n: float) -> str:

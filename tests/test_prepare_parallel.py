@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 
-from capcli.data import prepare as prep
+from capcli.data import parallel, prepare as prep, records
 
 
 def _slow_square(x: int) -> int:
@@ -23,27 +23,23 @@ def test_ordered_map_keeps_order_and_bounds_items_in_flight():
             pulled += 1
             yield i
 
-    pool = prep.make_pool(2)
-    try:
+    with parallel.WorkerPool(2) as pool:
         out, most_ahead = [], 0
-        for r in prep.ordered_map(pool, _slow_square, items(), 400, 2):
+        for r in parallel.ordered_map(pool, _slow_square, items(), 400):
             out.append(r)
             most_ahead = max(most_ahead, pulled - len(out))
             if len(out) % 50 == 0:
                 time.sleep(0.05)  # a slow writer: the feeder must wait, not run ahead
-    finally:
-        pool.close()
-        pool.join()
     assert out == [i * i for i in range(400)]
-    chunksize, window = prep.plan_window(2, 400)
+    chunksize, window = parallel.plan_window(2, 400)
     assert most_ahead <= window + chunksize
 
 
 def test_plan_window_caps_pixels_in_flight():
-    assert prep.plan_window(2, 500, 3 * 256 * 256) == (8, 48)
-    chunksize, window = prep.plan_window(64, 10**6, 3 * 1024 * 1024)
-    assert window * 3 * 1024 * 1024 <= prep.WINDOW_BYTES * 1.6 and chunksize >= 1
-    assert prep.plan_window(4, 3) == (1, 32)
+    assert parallel.plan_window(2, 500, 3 * 256 * 256) == (8, 48)
+    chunksize, window = parallel.plan_window(64, 10**6, 3 * 1024 * 1024)
+    assert window * 3 * 1024 * 1024 <= parallel.WINDOW_BYTES * 1.6 and chunksize >= 1
+    assert parallel.plan_window(4, 3) == (1, 32)
 
 
 def test_worker_pool_and_in_process_write_the_same_files(tmp_path):
@@ -67,9 +63,9 @@ def test_default_workers_is_the_affinity_mask():
 def test_skip_reasons():
     from PIL import UnidentifiedImageError
 
-    assert prep.skip_reason(FileNotFoundError(2, "x")) == "missing"
-    assert prep.skip_reason(IsADirectoryError(21, "x")) == "unreadable"
-    assert prep.skip_reason(PermissionError(13, "x")) == "unreadable"
-    assert prep.skip_reason(UnidentifiedImageError("x")) == "not an image"
-    assert prep.skip_reason(OSError("image file is truncated (3 bytes not processed)")) == "truncated"
-    assert prep.skip_reason(SyntaxError("broken PNG file")) == "corrupt"
+    assert records.skip_reason(FileNotFoundError(2, "x")) == "missing"
+    assert records.skip_reason(IsADirectoryError(21, "x")) == "unreadable"
+    assert records.skip_reason(PermissionError(13, "x")) == "unreadable"
+    assert records.skip_reason(UnidentifiedImageError("x")) == "not an image"
+    assert records.skip_reason(OSError("image file is truncated (3 bytes not processed)")) == "truncated"
+    assert records.skip_reason(SyntaxError("broken PNG file")) == "corrupt"

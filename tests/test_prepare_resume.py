@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from capcli.data import prepare as prep
+from capcli.data import h5writer, parallel, prepare as prep
+from capcli.data.records import load_file_image
 from capcli.data.sources import folder_records
 from capcli.errors import UserError
 from tests.conftest import invoke
@@ -68,7 +69,7 @@ def test_interrupted_run_resumes_to_identical_files(tmp_path, monkeypatch):
     recs = lambda: folder_records(data / "img", data / "captions.csv")  # noqa: E731
     _write(recs(), tmp_path / "clean", workers=2)
 
-    monkeypatch.setattr(prep, "FLUSH_RECORDS", 7)
+    monkeypatch.setattr(h5writer, "FLUSH_RECORDS", 7)
     calls = []
 
     def boom(split, done, total):
@@ -76,12 +77,12 @@ def test_interrupted_run_resumes_to_identical_files(tmp_path, monkeypatch):
         if split == "train" and done >= 40:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(prep, "FLUSH_SECONDS", 0.0)  # flush after every record, progress every 0.1 s
+    monkeypatch.setattr(h5writer, "FLUSH_SECONDS", 0.0)  # flush after every record, progress every 0.1 s
     with pytest.raises(KeyboardInterrupt):
         _write(recs(), tmp_path / "run", workers=2, progress=boom)
     progress = json.loads((tmp_path / "run" / "train.progress.json").read_text())
     assert 0 < progress["processed"] < 90 and not (tmp_path / "run" / "manifest.json").exists()
-    monkeypatch.setattr(prep, "FLUSH_SECONDS", 2.0)
+    monkeypatch.setattr(h5writer, "FLUSH_SECONDS", 2.0)
     seen = []
     manifest = _write(recs(), tmp_path / "run", workers=0, progress=lambda s, d, t: seen.append((s, d)))
     assert manifest["resumed"]["train"] == progress["processed"]
@@ -93,7 +94,7 @@ def test_unreadable_partial_file_starts_the_split_again(tmp_path, monkeypatch):
     data = make_folder(tmp_path / "src", 30, bad=1)
     recs = lambda: folder_records(data / "img", data / "captions.csv")  # noqa: E731
     _write(recs(), tmp_path / "clean")
-    monkeypatch.setattr(prep, "FLUSH_SECONDS", 0.0)
+    monkeypatch.setattr(h5writer, "FLUSH_SECONDS", 0.0)
 
     def boom(split, done, total):
         if done >= 10:
@@ -165,7 +166,7 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path, runner):
     invoke(runner, [*args, "--out", tmp_path / "clean"])
 
     out = tmp_path / "killed"
-    env = {**os.environ, prep.TEST_DELAY_ENV: "0.04"}
+    env = {**os.environ, parallel.TEST_DELAY_ENV: "0.04"}
     proc = subprocess.Popen([sys.executable, "-m", "capcli", *map(str, args), "--out", str(out)], env=env,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -219,7 +220,7 @@ def test_a_dead_decoding_worker_stops_prepare_instead_of_hanging(tmp_path, runne
     args = ["prepare", "folder", "--images", data / "img", "--captions", data / "captions.csv",
             "--size", 16, "--min-word-freq", 1, "--workers", 2, "-q"]
     out = tmp_path / "crashed"
-    env = {**os.environ, prep.TEST_DELAY_ENV: "0.04"}
+    env = {**os.environ, parallel.TEST_DELAY_ENV: "0.04"}
     proc = subprocess.Popen([sys.executable, "-m", "capcli", *map(str, args), "--out", str(out)], env=env,
                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -244,3 +245,33 @@ def test_a_dead_decoding_worker_stops_prepare_instead_of_hanging(tmp_path, runne
     # and the rerun resumes to a complete dataset
     invoke(runner, [*args[:-1], "--out", out])
     assert (out / "manifest.json").is_file()
+
+
+def _dies_at(victim: str, source, size: int, policy: str):
+    """A loader whose process dies at one image, as under the OOM killer (after a moment, so that
+    the images before it are written first)."""
+    if str(source) == victim:
+        time.sleep(0.5)
+        os._exit(3)
+    return load_file_image(source, size, policy)
+
+
+def test_a_worker_that_dies_mid_run_is_a_one_line_error_and_a_rerun_resumes(tmp_path, monkeypatch):
+    from functools import partial
+
+    data = make_folder(tmp_path / "src", 90)
+    recs = lambda: folder_records(data / "img", data / "captions.csv")  # noqa: E731
+    _write(recs(), tmp_path / "clean")
+    victim = str([r for r in recs() if r.split == "train"][40].source)
+    monkeypatch.setattr(h5writer, "FLUSH_SECONDS", 0.0)  # flush after every record
+    t0 = time.monotonic()
+    with pytest.raises(parallel.WorkerDied) as died:
+        _write(recs(), tmp_path / "run", workers=2, loader=partial(_dies_at, victim))
+    assert time.monotonic() - t0 < 30  # no hang
+    assert "decoding worker died" in str(died.value) and "\n" not in str(died.value)
+    done = json.loads((tmp_path / "run" / "train.progress.json").read_text())["processed"]
+    assert 0 < done <= 40
+    monkeypatch.setattr(h5writer, "FLUSH_SECONDS", 2.0)
+    manifest = _write(recs(), tmp_path / "run", workers=2)
+    assert manifest["resumed"]["train"] == done
+    assert_same_dataset(tmp_path / "clean", tmp_path / "run")

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from capcli.data.records import Record
 from capcli.data.sources import (SPLIT_RULE, assign_default_splits, coco_records, folder_records, hash_split,
                                  karpathy_records)
-from capcli.data.prepare import Record
 from capcli.errors import UserError
 
 COCO_MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-mini"

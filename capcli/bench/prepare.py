@@ -10,7 +10,6 @@ beforehand so both find them in the page cache. ``ratio`` = prepare / bare image
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import sys
 import tempfile
 import time
@@ -18,9 +17,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from capcli.data.images import find_images
-from capcli.data.prepare import Record, make_pool, write_dataset
-from capcli.runtime import usable_cpus
+from capcli.data.parallel import WorkerPool
+from capcli.data.prepare import write_dataset
+from capcli.data.records import Record
 from capcli.errors import UserError
+from capcli.runtime import usable_cpus
 
 
 def _bare(size: int, draft: bool, path: str):
@@ -40,14 +41,10 @@ def bare_pillow(files: Sequence[str], size: int, workers: int, draft: bool = Fal
     fn = partial(_bare, size, draft)
     t0 = time.perf_counter()
     if workers > 1:
-        pool = make_pool(workers)
-        try:
+        with WorkerPool(workers) as pool:
             chunksize = max(1, min(8, len(files) // (workers * 8) or 1))
-            for _ in pool.imap(fn, files, chunksize=chunksize):
+            for _ in pool.executor.map(fn, files, chunksize=chunksize):
                 pass
-        finally:
-            pool.close()
-            pool.join()
     else:
         for f in files:
             fn(f)
@@ -113,6 +110,6 @@ def bench_prepare(images: str | Path | Sequence[str | Path], size: int = 256, wo
         "skipped": skipped,
         "start_method": "fork" if workers > 1 and sys.platform.startswith("linux") else
                         ("spawn" if workers > 1 else "in-process"),
-        "cpus": mp.cpu_count(),
+        "cpus": usable_cpus(),
         **_peak_rss_mb(),
     }

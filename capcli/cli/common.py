@@ -5,12 +5,14 @@ from __future__ import annotations
 import functools
 import gc
 import logging
+import os
+import sys
 import traceback
 from typing import Annotated, Optional
 
 import typer
 
-from capcli.errors import UserError, is_disk_full
+from capcli.errors import UserError, holds_open, is_disk_full
 from capcli.report import err_console
 
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
@@ -30,7 +32,10 @@ def resolve_device(spec: str):
 
 
 def fail(message: str) -> None:
-    err_console.print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # escaped: a message may hold brackets (pip install "capcli[tensorboard]", a list of keys)
+    err_console.print(f"[bold red]Error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def _file_in_the_way(path) -> str:
@@ -67,6 +72,16 @@ def import_torch_stack() -> None:
             gc.enable()
 
 
+def _end_if_a_file_is_held_open(exc: BaseException) -> None:
+    """A full disk can leave a file that HDF5 can neither close nor let Python drop without
+    crashing the process (:func:`capcli.errors.hold_open`): end the process now, the message
+    printed, instead of letting the interpreter's exit close it."""
+    if holds_open(exc):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+
 def command(fn=None, *, torch: bool = False):
     """Turn user errors into a one-line message and exit 1 (full traceback with --debug).
     ``torch=True``: the command runs a model; torch and timm are imported first
@@ -88,6 +103,7 @@ def command(fn=None, *, torch: bool = False):
             if debug:
                 traceback.print_exc()
             fail(str(exc))
+            _end_if_a_file_is_held_open(exc)
             raise typer.Exit(1)
         except (FileExistsError, NotADirectoryError) as exc:  # a file where a folder must be
             if debug:
@@ -106,9 +122,10 @@ def command(fn=None, *, torch: bool = False):
             if debug:
                 traceback.print_exc()
             if is_disk_full(exc):  # a write that no writer guarded
-                fail(f"disk full writing {exc.filename or 'a file'}: free some space and rerun")
+                fail(f"disk full writing {getattr(exc, 'filename', None) or 'a file'}: free some space and rerun")
             elif not debug:
                 fail(f"{type(exc).__name__}: {exc} (an internal error; rerun with --debug for the traceback)")
+            _end_if_a_file_is_held_open(exc)
             raise typer.Exit(1)
 
     return wrapper

@@ -27,7 +27,8 @@ class Resize(str, Enum):
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Dataset dir to write.")]
 SizeOpt = Annotated[int, typer.Option("--size", min=16, max=1024, help="Side of the stored square images, px.")]
 ResizeOpt = Annotated[Resize, typer.Option(
-    "--resize", help="squash: stretch to a square (the seed's way); crop: shorter side to --size, centre crop.")]
+    "--resize", help="squash: stretch to a square, as the paper's code did; crop: shorter side to --size, "
+                     "centre crop.")]
 CapsOpt = Annotated[int, typer.Option(
     "--captions-per-image", min=1, help="Captions sampled per image for training (all references are kept "
                                         "for evaluation).")]

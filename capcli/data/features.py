@@ -9,8 +9,11 @@ image size) and the name the precision they were made in, so a changed encoder n
 features and a float32 evaluation never reads bf16-made ones.
 
 A cache is written to ``<name>.partial`` and renamed when complete, so only finished files are read.
-The partial file records how many images it holds: a stopped pass (a time budget, a kill) continues
-from there; a partial file that cannot be read is started over.
+The partial file records how many images it holds: a stopped pass (a time budget, a kill, a full
+disk) continues from there; a partial file that cannot be read is started over. As a dataset split
+is (:mod:`capcli.data.h5writer`), it is created with every chunk allocated up front and its
+counters in place, and written without a chunk cache, so that a full disk fails the write that met
+it and leaves HDF5 nothing it cannot write.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from capcli.data.dataset import CaptionDataset, collate
-from capcli.errors import disk_space
+from capcli.data.h5writer import NO_CHUNK_CACHE, metadata_bytes, require_space
+from capcli.errors import disk_space, hold_open
 from capcli.runtime import amp_name, autocast
 
 
@@ -60,7 +64,7 @@ def _open_partial(tmp: Path, n: int) -> tuple[h5py.File | None, int]:
     if not tmp.exists():
         return None, 0
     try:
-        f = h5py.File(tmp, "a")
+        f = h5py.File(tmp, "a", **NO_CHUNK_CACHE)
         if "regions" in f and f["regions"].shape[0] == n:
             return f, int(f.attrs.get("done", 0))
         f.close()
@@ -68,6 +72,21 @@ def _open_partial(tmp: Path, n: int) -> tuple[h5py.File | None, int]:
         pass
     tmp.unlink()
     return None, 0
+
+
+def _create_partial(tmp: Path, n: int, shape: tuple) -> h5py.File:
+    """A fresh partial cache of ``n`` images of ``shape``: every chunk allocated up front (and never
+    filled: sparse) and the counters in place, so that writing it changes no HDF5 metadata but the
+    counters' values."""
+    require_space(tmp, metadata_bytes(n))
+    f = h5py.File(tmp, "w", **NO_CHUNK_CACHE)
+    f.attrs["done"] = 0
+    f.attrs["complete"] = False
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    f.create_dataset("regions", (n, *shape), dtype="float16", chunks=(1, *shape), dcpl=dcpl, fill_time="never")
+    f.flush()
+    return f
 
 
 @torch.inference_mode()
@@ -98,25 +117,33 @@ def build_cache(encoder, dataset: CaptionDataset, device: torch.device, path: Pa
             left = arr[0].nbytes * (len(dataset) - done)
             with disk_space(tmp, left, f"the {done} images cached so far are kept: free some space and rerun"):
                 if f is None:
-                    f = h5py.File(tmp, "w")
-                    f.create_dataset("regions", (len(dataset), *arr.shape[1:]), dtype="float16",
-                                     chunks=(1, *arr.shape[1:]))
+                    f = _create_partial(tmp, len(dataset), arr.shape[1:])
                 f["regions"][done:done + len(arr)] = arr
-                f.attrs["done"] = done + len(arr)  # after the data: a kill leaves the count at most behind it
+                f.attrs.modify("done", done + len(arr))  # after the data: a kill leaves the count at most behind it
                 f.flush()
             done += len(arr)
             if progress is not None:
                 progress(done, len(dataset))
             if deadline is not None and time.perf_counter() > deadline and done < len(dataset):
                 return False
-        if f is None:  # an empty split
-            f = h5py.File(tmp, "w")
-            f.create_dataset("regions", (0, 0, 0), dtype="float16")
-        f.attrs["complete"] = True
+        with disk_space(tmp, 64 << 10, f"the {done} images cached are kept: free some space and rerun"):
+            if f is None:  # an empty split
+                f = h5py.File(tmp, "w", **NO_CHUNK_CACHE)
+                f.create_dataset("regions", (0, 0, 0), dtype="float16")
+            f.attrs.modify("complete", True)
+            f.flush()
         f.close()
         f = None
         os.replace(tmp, path)
         return True
+    except BaseException as exc:
+        if f is not None:
+            try:
+                f.flush()
+            except Exception:  # HDF5 cannot write what it holds: closing the file would crash the process
+                hold_open(exc, f)
+                f = None
+        raise
     finally:
         if f is not None:
             f.close()

@@ -34,7 +34,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def resize(img: Image.Image, size: int, policy: str = "squash") -> Image.Image:
-    """``squash``: stretch to size x size (the seed's way); ``crop``: shorter side to size, centre crop."""
+    """``squash``: stretch to size x size (a square, as the paper's code did); ``crop``: shorter
+    side to size, centre crop."""
     if policy == "squash":
         return img.resize((size, size), Image.BICUBIC, reducing_gap=3.0)
     if policy == "crop":

@@ -40,7 +40,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from capcli.data.prepare import OutsideRoot, Record
+from capcli.data.records import OutsideRoot, Record
 from capcli.errors import UserError
 from capcli.text import tokenize
 

@@ -32,10 +32,11 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from capcli.data.records import Record
 
 SPEC_VERSION = 1
 
@@ -365,11 +366,9 @@ def split_of(i: int, n: int) -> str:
     return "val" if i < n_train + n_held else "test"
 
 
-def records(n: int, seed: int = 0) -> list[Any]:
-    """The scenes as :class:`capcli.data.prepare.Record` (``source`` is the spec); hand them to
+def records(n: int, seed: int = 0) -> list[Record]:
+    """The scenes as :class:`~capcli.data.records.Record` (``source`` is the spec); hand them to
     ``write_dataset(..., source="synthetic", loader=render, min_word_freq=1)``."""
-    from capcli.data.prepare import Record
-
     return [Record(split=split_of(i, n), image_id=i, file_name=f"scene_{i:06d}.png",
                    captions=list(captions), source=spec)
             for i, (spec, captions) in enumerate(make_scenes(n, seed))]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from capcli.errors import UserError
+from capcli.store.files import write_json
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
@@ -51,7 +52,7 @@ class Vocab:
         return " ".join(words)
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.itos, ensure_ascii=False))
+        write_json(path, self.itos, indent=None)
 
     @classmethod
     def load(cls, path: Path) -> "Vocab":

@@ -19,7 +19,33 @@ def save(state: dict, path: str | Path) -> None:
     path = Path(path)
     with atomic_path(path) as tmp, disk_space(path, _tensor_bytes(state), "the previous checkpoint is intact: free "
                                               "some space, then `capcli train --resume RUN` continues from it"):
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            out = _Writes(f)
+            try:
+                torch.save(state, out)
+            except RuntimeError as exc:
+                if out.error is not None:  # torch words a failed write as its own RuntimeError
+                    raise out.error from exc
+                raise
+
+
+class _Writes:
+    """A file for ``torch.save`` that keeps the OSError of a failed write (a full disk): torch
+    reports it only as a RuntimeError of its own, without the errno."""
+
+    def __init__(self, f):
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def _tensor_bytes(obj) -> int:

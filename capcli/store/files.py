@@ -10,12 +10,20 @@ log is read back.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
 import shutil
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
+
+from capcli.errors import is_disk_full
+
+
+def _naming(path: Path) -> OSError:
+    """A full disk's error naming the file being written (a failed write names none)."""
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
 def temporary_name(path: Path) -> Path:
@@ -34,6 +42,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        if is_disk_full(exc) and exc.filename in (None, str(tmp)):  # name the file meant, not its stand-in
+            raise _naming(path) from exc
+        raise
     finally:
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -119,8 +131,18 @@ class JsonlLog:
         if self._f is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._f = open(self.path, "a", encoding="utf-8")
-        self._f.write("".join(json.dumps(json_safe(r), ensure_ascii=False) + "\n" for r in records))
-        self._f.flush()
+        try:
+            self._f.write("".join(json.dumps(json_safe(r), ensure_ascii=False) + "\n" for r in records))
+            self._f.flush()
+        except OSError as exc:  # a full disk: the log keeps what reached it (a torn last line is cut when read)
+            f, self._f = self._f, None
+            try:
+                f.close()
+            except OSError:
+                pass  # the same write failing again: drop it, the first error says what happened
+            if exc.filename is None and is_disk_full(exc):
+                raise _naming(self.path) from exc
+            raise
 
     def close(self) -> None:
         if self._f is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from capcli.config import Config, save_config
-from capcli.errors import UserError
+from capcli.errors import UserError, disk_space
 from capcli.store.files import JsonlLog, atomic_path, read_jsonl
 from capcli.training.curves import draw_curves
 
@@ -75,10 +75,12 @@ class RunLog:
     def append(self, record: dict) -> None:
         """One record: a line of metrics.jsonl, its scalars in TensorBoard at its step, and (a
         validation) the curves redrawn."""
-        self._log.append([record])
+        then = "the run's last checkpoint is intact: free some space, then `capcli train --resume RUN` continues it"
+        with disk_space(self.path, 4096, then):
+            self._log.append([record])
         self.records.append(record)
         if "val_bleu4" in record:
-            with atomic_path(self.run_dir / CURVES_FILE) as tmp:
+            with disk_space(self.run_dir / CURVES_FILE, 200_000, then), atomic_path(self.run_dir / CURVES_FILE) as tmp:
                 draw_curves(self.records, tmp)
         if self._tb is not None:
             for key, tag in TB_TAGS.items():
