@@ -97,10 +97,14 @@ class RowLog(JsonlLog):
         return {row["file"]: row for row in read_jsonl(self.path, until=lambda row: "file" not in row)}
 
     def append(self, rows: list[dict]) -> None:
-        size = sum(len(json.dumps(r, ensure_ascii=False)) + 1 for r in rows)
-        with disk_space(self.path, size * 100, "the rows written so far are kept: free some space, then rerun "
-                        "with --resume"):
+        with disk_space(self.path, lambda: 100 * _json_bytes(rows), "the rows written so far are kept: free some "
+                        "space, then rerun with --resume"):
             super().append(rows)
+
+
+def _json_bytes(rows: list[dict]) -> int:
+    """About the bytes of ``rows`` as JSON: for a disk-full message only (called on the error)."""
+    return sum(len(json.dumps(r, ensure_ascii=False)) + 8 for r in rows)
 
 
 def stream_path(output: Path, rank: int | None = None) -> Path:
@@ -194,7 +198,7 @@ def caption_files(captioner, files: list[Path], options: DecodeOptions, *, outpu
         return made
     done = read_done(output)
     rows = [done[str(f)] for f in files if str(f) in done]
-    with disk_space(output, sum(len(json.dumps(r, ensure_ascii=False)) + 8 for r in rows),
+    with disk_space(output, lambda: _json_bytes(rows),
                     "the rows made so far are kept: free some space, then rerun with --resume"):
         write_rows(output, rows)
     for part in {stream_path(output), *output.parent.glob(f"{output.name}.rank*.jsonl")}:

@@ -47,9 +47,11 @@ def _size(n: float) -> str:
 
 class disk_space:  # noqa: N801 - used as a context manager, like contextlib's
     """Turn a full disk while writing ``path`` into a one-line UserError naming the path, about how
-    many bytes the write needs and how many are free, and how to continue (``then``)."""
+    many bytes the write needs and how many are free, and how to continue (``then``).
+    ``needed_bytes`` may be a function, called only when the disk is full (an estimate that costs
+    work, such as serialising rows, is then never made on the way of a write that succeeds)."""
 
-    def __init__(self, path, needed_bytes: float, then: str = "free some space and rerun"):
+    def __init__(self, path, needed_bytes, then: str = "free some space and rerun"):
         self.path, self.needed, self.then = path, needed_bytes, then
 
     def __enter__(self):
@@ -68,5 +70,6 @@ class disk_space:  # noqa: N801 - used as a context manager, like contextlib's
             free = f", {_size(shutil.disk_usage(where).free)} free there"
         except OSError:
             free = ""
-        raise UserError(f"disk full writing {self.path}: it needs about {_size(self.needed)}{free}; "
+        needed = self.needed() if callable(self.needed) else self.needed
+        raise UserError(f"disk full writing {self.path}: it needs about {_size(needed)}{free}; "
                         f"{self.then}") from exc

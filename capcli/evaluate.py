@@ -73,8 +73,11 @@ def evaluate_model(model, dataset: CaptionDataset, device: torch.device, options
         "loss": tf.get("ce"),  # cross-entropy per word, without the attention penalty
         "top5": tf.get("top5"),
         "images": len(hyps),
+        # every decoding setting (DESIGN: eval.json records them)
         "beam_size": options.beam_size,
         "block_ngrams": options.block_ngrams,
+        "max_length": options.max_length,
+        "length_penalty": options.length_penalty,
         "amp": amp_name(options.amp_dtype),
         "captions_per_s": len(hyps) / max(decode_seconds, 1e-9),
         # where the time went: encoder (or cached features), beam search, teacher-forced pass,
@@ -163,13 +166,15 @@ def default_output(source: str | Path, split: str) -> Path:
     return run_eval_path(run_dir, split) if run_dir is not None else Path("eval.json")
 
 
-def evaluate_checkpoint(source: str | Path, device: torch.device, options: DecodeOptions | None = None, *,
+def evaluate_checkpoint(source: str | Path | Captioner, device: torch.device,
+                        options: DecodeOptions | None = None, *,
                         data: str | Path | None = None, split: str = "test", amp: str | None = None,
                         batch_size: int | None = None, max_images: int = 0, num_workers: int = 0,
                         meteor: bool | None = None, output: str | Path | None = None,
                         progress: Callable[[str, int, int], None] | None = None) -> tuple[dict, Path]:
-    """Score a MODEL source on a split and write ``eval.json`` (the scores, with where the time
-    went) and ``captions.json`` (COCO results) beside it; returns (scores, eval.json path).
+    """Score a MODEL source (or a :class:`~capcli.api.Captioner` already loaded) on a split and
+    write ``eval.json`` (the scores, with where the time went) and ``captions.json`` (COCO results)
+    beside it; returns (scores, eval.json path).
 
     ``data``: the dataset dir (default: the one the model trained on). ``amp``: the precision
     (default: the model's ``train.amp``). ``options``: how to decode (the model's precision and
@@ -179,7 +184,8 @@ def evaluate_checkpoint(source: str | Path, device: torch.device, options: Decod
     ``cache`` and ``decode`` phases.
     """
     t_start = time.perf_counter()
-    captioner = Captioner.load(source, device, amp=amp)
+    captioner = source if isinstance(source, Captioner) else Captioner.load(source, device, amp=amp)
+    source = captioner.source
     options = dataclasses.replace(options or DecodeOptions(), amp_dtype=captioner.amp_dtype)
     load_s = time.perf_counter() - t_start
     cfg = captioner.config

@@ -80,6 +80,10 @@ def test_evaluate_writes_eval_and_coco_captions(runner, tiny_data, tiny_run, tmp
     assert EVAL_KEYS <= set(scores)
     n_test = json.loads((tiny_data / "manifest.json").read_text())["splits"]["test"]["images"]
     assert scores["images"] == n_test and scores["beam_size"] == 2
+    # every decoding setting: the dataset's longest caption when --max-length is not given
+    manifest = json.loads((tiny_data / "manifest.json").read_text())
+    assert (scores["max_length"], scores["length_penalty"], scores["block_ngrams"]) == (
+        manifest["vocab"]["max_length"], 0.0, 0)
     for key in ("bleu1", "bleu4", "rouge_l", "top5"):
         assert 0.0 <= scores[key] <= 1.0
     # where the time went, phase by phase, within the command's total

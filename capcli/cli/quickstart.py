@@ -72,10 +72,10 @@ def quickstart(
     run_dir = Path(summary["run_dir"])
 
     step(3, f"evaluate: test split, beam {beam}, no teacher forcing")
-    best = run_dir / "checkpoints" / "best.pt"
+    captioner = Captioner.load(run_dir / "checkpoints" / "best.pt", dev)  # loaded once: evaluated, then captioning
     # in the model's precision, as `capcli evaluate`: eval-test/eval.json and captions.json
-    scores, eval_path = evaluate_checkpoint(best, dev, DecodeOptions(beam_size=beam), data=data_dir, split="test",
-                                            output=run_dir / "eval-test" / "eval.json")
+    scores, eval_path = evaluate_checkpoint(captioner, dev, DecodeOptions(beam_size=beam), data=data_dir,
+                                            split="test", output=run_dir / "eval-test" / "eval.json")
     eval_dir = eval_path.parent
     captions = json.loads((eval_dir / "captions.json").read_text())
     # the same captions shuffled across images: what a model that ignores the image would score
@@ -100,7 +100,6 @@ def quickstart(
         path = img_dir / r.file_name
         save_png(r.source, path, size)
         files.append(path)
-    captioner = Captioner.load(best, dev)
     rows = caption_files(captioner, files, captioner.decode_options(beam=beam), attention_dir=out / "attention")
     write_json(out / "captions.json", rows)
     refs = {str(img_dir / r.file_name): r.captions[0] for r in test_recs}

@@ -17,7 +17,7 @@ from capcli.store.files import atomic_path
 def save(state: dict, path: str | Path) -> None:
     """Write to a temporary name in the same folder and rename: a kill never leaves a broken file."""
     path = Path(path)
-    with atomic_path(path) as tmp, disk_space(path, _tensor_bytes(state), "the previous checkpoint is intact: free "
+    with atomic_path(path) as tmp, disk_space(path, lambda: _tensor_bytes(state), "the previous checkpoint is intact: free "
                                               "some space, then `capcli train --resume RUN` continues from it"):
         with open(tmp, "wb") as f:
             out = _Writes(f)
