@@ -21,7 +21,7 @@ import torch
 
 from capcli.config import Config, config_from_dict
 from capcli.data.vocab import Vocab
-from capcli.decode import DecodeOptions, default_batch_size, generate
+from capcli.decode import BLOCK_NGRAMS, DecodeOptions, default_batch_size, generate
 from capcli.errors import UserError
 from capcli.models.captioner import CaptionModel
 from capcli.runtime import autocast_dtype, resolve_device
@@ -110,14 +110,19 @@ class Captioner:
         return cls(model, vocab, cfg, size, data.get("resize", "squash"), device, amp_dtype,
                    int(data.get("max_length") or 50), str(source), dict(data))
 
-    def decode_options(self, *, beam: int = 3, max_length: int | None = None, block_ngrams: int = 0,
-                       sample: dict | None = None, seed: int | None = None) -> DecodeOptions:
+    def decode_options(self, *, beam: int = 3, max_length: int | None = None, block_ngrams: int | None = None,
+                       sample: dict | None = None, seed: int | None = None, allow_unk: bool = False,
+                       dangling: Sequence[str] | None = None) -> DecodeOptions:
         """The :class:`~capcli.decode.DecodeOptions` of a call, with this model's defaults (its
         longest caption, its precision). ``sample`` (``{"temperature": T, "top_k": K}``) draws
-        captions instead of beam search."""
+        captions instead of beam search; ``block_ngrams`` (None: :data:`capcli.decode.BLOCK_NGRAMS`)
+        never repeats an n-gram; ``allow_unk`` lets <unk> appear; ``dangling`` replaces
+        the words a caption may not end on (:data:`capcli.decode.DANGLING_EN`; ``()`` = none)."""
         drawn = {"sample": True, **sample} if sample is not None else {}
+        block_ngrams = BLOCK_NGRAMS if block_ngrams is None else block_ngrams
+        words = {} if dangling is None else {"dangling": tuple(dangling)}
         return DecodeOptions(beam_size=beam, max_length=max_length or self.max_length, block_ngrams=block_ngrams,
-                             seed=seed, amp_dtype=self.amp_dtype, **drawn)
+                             seed=seed, amp_dtype=self.amp_dtype, allow_unk=allow_unk, **words, **drawn)
 
     def preprocess(self, images: Iterable[ImageLike]) -> torch.Tensor:
         """uint8 (B, 3, S, S) on the model's device, as the model was trained to see them."""
@@ -126,26 +131,34 @@ class Captioner:
 
     @torch.inference_mode()
     def caption(self, images: ImageLike | Sequence[ImageLike], *, beam: int = 3, max_length: int | None = None,
-                block_ngrams: int = 0, batch_size: int | None = None, sample: dict | None = None) -> list[str] | str:
+                block_ngrams: int | None = None, batch_size: int | None = None, sample: dict | None = None,
+                seed: int | None = None, allow_unk: bool = False,
+                dangling: Sequence[str] | None = None) -> list[str] | str:
         """Captions of ``images`` (a list gives a list; one image gives one string). ``sample``
-        (``{"temperature": T, "top_k": K}``) draws captions instead of beam search."""
-        options = self.decode_options(beam=beam, max_length=max_length, block_ngrams=block_ngrams, sample=sample)
+        (``{"temperature": T, "top_k": K}``) draws captions instead of beam search (``seed``: the
+        same captions each time). The other settings: :meth:`decode_options`."""
+        options = self.decode_options(beam=beam, max_length=max_length, block_ngrams=block_ngrams, sample=sample,
+                                      seed=seed, allow_unk=allow_unk, dangling=dangling)
         batch_size = batch_size or default_batch_size(self.device)
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         out: list[str] = []
+        generator = options.generator(self.device)
         with self.model.derived_weights():
             for i in range(0, len(items), batch_size):
-                texts, _ = generate(self.model, self.vocab, self.preprocess(items[i:i + batch_size]), options)
+                texts, _ = generate(self.model, self.vocab, self.preprocess(items[i:i + batch_size]), options,
+                                    generator=generator)
                 out.extend(texts)
         return out[0] if single else out
 
     @torch.inference_mode()
     def caption_with_attention(self, image: ImageLike, *, beam: int = 3, max_length: int | None = None,
-                               block_ngrams: int = 0) -> dict:
+                               block_ngrams: int | None = None, allow_unk: bool = False,
+                               dangling: Sequence[str] | None = None) -> dict:
         """``caption``, ``words``, ``attention`` (one weight map per word and the <end>: (T, g, g)
         for a square g x g grid, else (T, P)) and ``image`` (the uint8 (3, S, S) the model saw)."""
-        options = self.decode_options(beam=beam, max_length=max_length, block_ngrams=block_ngrams)
+        options = self.decode_options(beam=beam, max_length=max_length, block_ngrams=block_ngrams,
+                                      allow_unk=allow_unk, dangling=dangling)
         pixels = self.preprocess([image])
         texts, result = generate(self.model, self.vocab, pixels, options, return_alphas=True)
         words = [self.vocab.itos[t] for t in result.tokens[0]]

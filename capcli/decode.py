@@ -16,11 +16,13 @@ training and varied captions need.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from capcli.runtime import autocast
+from capcli.text import BLOCK_NGRAMS, DANGLING_EN
 
 # Images decoded at once when the user gives no batch size. A GPU's beam search is bound by
 # launching its small per-word kernels, so its throughput grows with the batch; a CPU's products
@@ -41,11 +43,13 @@ class DecodeOptions:
     beam_size: int = 3  # 1 = greedy
     max_length: int | None = None  # most words per caption (<end> comes on top)
     length_penalty: float = 0.0  # beam scores divided by length ** length_penalty (0 = raw log-prob)
-    block_ngrams: int = 0  # N > 0: never repeat an N-gram within a caption
+    block_ngrams: int = BLOCK_NGRAMS  # N > 0: never repeat an N-gram within a caption (0 = off)
     sample: bool = False  # draw captions from the model instead of beam search
     temperature: float = 1.0  # sampling: below 1 safer, above 1 more varied
     top_k: int = 0  # sampling: draw among the k likeliest words only (0 = all)
     seed: int | None = None  # sampling: the same seed draws the same captions
+    allow_unk: bool = False  # emit <unk> (the words outside the vocabulary) where the model puts it
+    dangling: tuple[str, ...] = DANGLING_EN  # words a caption may not end on (unless cut at max_length)
     amp_dtype: torch.dtype | None = None  # products under autocast at this dtype (None = full precision)
 
     def resolved(self, max_length: int) -> "DecodeOptions":
@@ -78,7 +82,7 @@ def decode_features(model, vocab, feats: torch.Tensor, options: DecodeOptions, *
     amp = options.amp_dtype
     with autocast(feats.device, amp):
         feats = feats if amp is not None else feats.float()
-        specials = {"start": vocab.start, "end": vocab.end, "pad": vocab.pad}
+        specials = {"start": vocab.start, "end": vocab.end, "pad": vocab.pad, **word_constraints(vocab, options)}
         if options.sample:
             s = sample(model.decoder, feats, max_length=options.max_length, temperature=options.temperature,
                        top_k=options.top_k, generator=generator, **specials)
@@ -88,6 +92,12 @@ def decode_features(model, vocab, feats: torch.Tensor, options: DecodeOptions, *
                              length_penalty=options.length_penalty, block_ngrams=options.block_ngrams,
                              return_alphas=return_alphas, **specials)
         return [vocab.decode(t) for t in result.tokens], result
+
+
+def word_constraints(vocab, options: DecodeOptions) -> dict:
+    """``banned`` and ``dangling`` word ids of ``options`` in ``vocab`` (words it lacks are skipped)."""
+    return {"banned": () if options.allow_unk else (vocab.unk,),
+            "dangling": tuple(sorted({vocab.stoi[w] for w in options.dangling if w in vocab.stoi}))}
 
 
 @dataclass
@@ -100,7 +110,8 @@ class DecodeResult:
 @torch.inference_mode()
 def beam_search(decoder, feats: torch.Tensor, *, start: int, end: int, pad: int = 0,
                 beam_size: int = 3, max_length: int = 50, length_penalty: float = 0.0,
-                block_ngrams: int = 0, return_alphas: bool = False) -> DecodeResult:
+                block_ngrams: int = 0, return_alphas: bool = False, banned: Sequence[int] = (),
+                dangling: Sequence[int] = ()) -> DecodeResult:
     """Decode a batch of images.
 
     Args:
@@ -108,6 +119,9 @@ def beam_search(decoder, feats: torch.Tensor, *, start: int, end: int, pad: int 
         max_length: most words per caption (the <end> token comes on top).
         length_penalty: final scores are divided by length ** length_penalty (0 = raw log-prob).
         block_ngrams: N > 0 forbids a word that would repeat an N-gram of the caption so far.
+        banned: words never emitted (beside <pad> and <start>), e.g. <unk>.
+        dangling: words a caption may not end on (<end> cannot follow them), unless it reaches
+            ``max_length`` there.
     """
     b, p, _ = feats.shape
     k = beam_size
@@ -121,19 +135,24 @@ def beam_search(decoder, feats: torch.Tensor, *, start: int, end: int, pad: int 
     frozen[pad] = 0.0  # a finished beam may only add <pad>, at no cost
     cut = torch.full((v,), float("-inf"), device=device)
     cut[end] = 0.0  # at the length limit an open beam is closed, at no cost (truncation)
-    banned = torch.tensor([pad, start], device=device)  # never emitted by an open caption
+    ban = torch.tensor(sorted({pad, start, *banned}), device=device)  # never emitted by an open caption
+    no_end = _word_mask(dangling, v, device)
 
-    def word_logp(h: torch.Tensor) -> torch.Tensor:
+    def word_logp(h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         # index_fill_ with an index already on the device: a list index would be copied from
         # host memory at every step (a synchronising copy on a GPU)
-        return torch.log_softmax(decoder.logits(h).float().index_fill_(1, banned, float("-inf")), dim=-1)
+        logits = decoder.logits(h).float().index_fill_(1, ban, float("-inf"))
+        if no_end is not None:
+            logits[:, end].masked_fill_(no_end[prev], float("-inf"))
+        return torch.log_softmax(logits, dim=-1)
 
     first = 0
     if grouped and 1 < k <= v and max_length > 0:
         # all beams start identical: the first word is chosen from one row per image, and its k
         # likeliest words start the k beams (what expanding only the first beam gives)
-        h, c, alpha = step(torch.full((b,), start, dtype=torch.long, device=device), feats, proj, h, c)
-        scores, token = word_logp(h).topk(k, dim=1)
+        first_words = torch.full((b,), start, dtype=torch.long, device=device)
+        h, c, alpha = step(first_words, feats, proj, h, c)
+        scores, token = word_logp(h, first_words).topk(k, dim=1)
         finished = token == end
         seqs = token.unsqueeze(2)
         alphas = alpha.float()[:, None, None, :].expand(b, k, 1, p).contiguous() if return_alphas else None
@@ -161,7 +180,7 @@ def beam_search(decoder, feats: torch.Tensor, *, start: int, end: int, pad: int 
         if t == max_length:
             logp = cut.expand(n, k, v)
         else:
-            logp = word_logp(h)
+            logp = word_logp(h, tokens)
             if block_ngrams and seqs.size(2) >= block_ngrams:
                 logp = logp.masked_fill(repeated_ngram(seqs.view(n * k, -1), block_ngrams, v), float("-inf"))
             logp = logp.view(n, k, v)
@@ -262,6 +281,15 @@ def repeated_ngram(seqs: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
     return hits > 0
 
 
+def _word_mask(words: Sequence[int], vocab_size: int, device) -> torch.Tensor | None:
+    """(V,) bool, True at ``words``; None when there are none."""
+    if not words:
+        return None
+    mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+    mask[torch.tensor(list(words), dtype=torch.long, device=device)] = True
+    return mask
+
+
 def greedy(decoder, feats: torch.Tensor, *, start: int, end: int, pad: int = 0,
            max_length: int = 50, block_ngrams: int = 0, return_alphas: bool = False) -> DecodeResult:
     return beam_search(decoder, feats, start=start, end=end, pad=pad, beam_size=1, max_length=max_length,
@@ -275,37 +303,79 @@ class Samples:
     lengths: torch.Tensor  # (N,) words, <end> not counted
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One word per row of ``probs`` (N, V), rows summing to about 1: the inverse of each row's
+    cumulative distribution at a uniform draw. One uniform number per row, where
+    ``torch.multinomial`` makes an exponential variate per word (V of them a row: most of a CPU
+    sampling step's time at a vocabulary of thousands). Words of probability 0 are never drawn
+    (the first word whose cumulative sum passes the draw is taken)."""
+    cdf = probs.cumsum(dim=1)
+    total = cdf[:, -1:]
+    u = torch.rand(probs.size(0), 1, device=probs.device, dtype=cdf.dtype, generator=generator) * total
+    # below the total even where the product rounds up to it: the last word of positive probability
+    # is then the one taken, never a word of probability 0 after it
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True).squeeze(1)
+
+
 @torch.no_grad()
 def sample(decoder, feats: torch.Tensor, *, start: int, end: int, pad: int = 0, max_length: int = 50,
-           temperature: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None) -> Samples:
-    """One caption per row of ``feats`` (N, P, E), each word drawn from the model's softmax at
-    ``temperature``, restricted to the ``top_k`` likeliest words when ``top_k`` > 0. <pad> and
-    <start> are never drawn. Captions that never end are cut at ``max_length`` words (their
-    ``ended`` is False). Draws from ``generator`` (default: torch's global RNG)."""
+           temperature: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None,
+           banned: Sequence[int] = (), dangling: Sequence[int] = (), per_image: int = 1) -> Samples:
+    """``per_image`` captions per row of ``feats`` (B, P, E) (rows image-major: the captions of
+    image i are rows i*per_image ...), each word drawn from the model's softmax at
+    ``temperature``, restricted to the ``top_k`` likeliest words when ``top_k`` > 0. <pad>,
+    <start> and the words in ``banned`` (e.g. <unk>) are never drawn; <end> never follows a word
+    of ``dangling``. Captions that never end are cut at ``max_length`` words (their ``ended`` is
+    False). Draws from ``generator`` (default: torch's global RNG).
+
+    The captions of an image share its features (the decoder's grouped step) until the first
+    captions end; ended captions leave the batch once they are a share of it (as in
+    :func:`beam_search`)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    n = feats.size(0)
+    k = per_image
+    n = feats.size(0) * k
     device = feats.device
+    step = _stepper(decoder, n, max_length)
     proj = decoder.attention.project(feats)
     h, c = decoder.init_state(feats)
+    h, c = h.repeat_interleave(k, dim=0), c.repeat_interleave(k, dim=0)
+    g = k if getattr(step, "grouped", False) else 1  # rows of h per row of feats
+    if g == 1 and k > 1:  # a plain step wants the features once per row
+        feats, proj = feats.repeat_interleave(k, dim=0), proj.repeat_interleave(k, dim=0)
     token = torch.full((n,), start, dtype=torch.long, device=device)
-    done = torch.zeros(n, dtype=torch.bool, device=device)
-    banned = torch.tensor([pad, start], device=device)  # never drawn
-    out = []
-    step = _stepper(decoder, n, max_length)
-    for _ in range(max_length):
+    ban = torch.tensor(sorted({pad, start, *banned}), device=device)
+    no_end = _word_mask(dangling, decoder.vocab_size, device)
+    out = torch.full((n, max_length), pad, dtype=torch.long, device=device)
+    rows = torch.arange(n, device=device)  # the rows of ``out`` still drawing
+    done = torch.zeros(n, dtype=torch.bool, device=device)  # of those, the ones past their <end>
+    steps = 0
+    for t in range(max_length):
         h, c, _ = step(token, feats, proj, h, c)
-        logits = decoder.logits(h).float().index_fill_(1, banned, float("-inf"))
-        logits = logits / temperature
+        logits = decoder.logits(h).float().index_fill_(1, ban, float("-inf"))
+        if no_end is not None:
+            logits[:, end].masked_fill_(no_end[token], float("-inf"))
+        if temperature != 1.0:
+            logits = logits / temperature
         if top_k and top_k < logits.size(1):
             kth = logits.topk(top_k, dim=1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
-        token = torch.multinomial(torch.softmax(logits, dim=1), 1, generator=generator).squeeze(1)
-        token = token.masked_fill(done, pad)  # after <end>: padding
-        out.append(token)
-        done = done | (token == end)
-        if bool(done.all()):
+        token = draw(torch.softmax(logits, dim=1), generator).masked_fill_(done, pad)  # after <end>: padding
+        out[rows, t] = token
+        steps = t + 1
+        done |= token == end
+        n_done = int(done.sum())  # the step's one host sync
+        if n_done == done.numel():
             break
-    tokens = torch.stack(out, dim=1)
+        if n_done >= max(1, done.numel() // COMPACT_FRACTION):
+            # the ended captions leave; the rest's features go to one row each from here on (the
+            # products of a step cost what its rows are, so rows that have ended should not stay)
+            keep = (~done).nonzero().squeeze(1)
+            image = torch.div(keep, g, rounding_mode="floor")
+            feats, proj, g = feats[image], proj[image], 1
+            rows, token, h, c, done = rows[keep], token[keep], h[keep], c[keep], done[keep]
+    tokens = out[:, :max(steps, 1)] if n else out[:, :0]
     words = (tokens != end) & (tokens != pad)
-    return Samples(tokens, done, words.sum(dim=1))
+    ended = (tokens == end).any(dim=1)
+    return Samples(tokens, ended, words.sum(dim=1))

@@ -76,6 +76,8 @@ def evaluate_model(model, dataset: CaptionDataset, device: torch.device, options
         # every decoding setting (DESIGN: eval.json records them)
         "beam_size": options.beam_size,
         "block_ngrams": options.block_ngrams,
+        "allow_unk": options.allow_unk,
+        "dangling": list(options.dangling),
         "max_length": options.max_length,
         "length_penalty": options.length_penalty,
         "amp": amp_name(options.amp_dtype),
@@ -151,6 +153,15 @@ def feature_cache(model, dataset: CaptionDataset, device: torch.device, amp_dtyp
         return None
     build_cache(model.encoder, dataset, device, path, batch_size=batch_size, amp_dtype=amp_dtype, progress=progress)
     return path
+
+
+def decode_options(beam: int = 3, max_length: int = 0, block_ngrams: int | None = None, allow_unk: bool = False,
+                   dangling: tuple[str, ...] | None = None) -> DecodeOptions:
+    """The options of a `capcli evaluate` run: beam search with the defaults of every decode
+    (n-gram blocking, no <unk>, no dangling last word) unless given."""
+    return DecodeOptions(beam_size=beam, max_length=max_length or None,
+                         **({} if block_ngrams is None else {"block_ngrams": block_ngrams}),
+                         allow_unk=allow_unk, **({} if dangling is None else {"dangling": tuple(dangling)}))
 
 
 def run_eval_path(run_dir: str | Path, split: str) -> Path:

@@ -188,3 +188,14 @@ def tokenize(text: str) -> list[str]:
             out.append(ch)                                       # a symbol or punctuation mark
             i += 1
     return [t.lower() for t in out if not _is_punct(t)]
+
+
+# Words an English caption does not end on: articles, prepositions, conjunctions, possessives and
+# the auxiliaries of "a man is ...". A decoded caption reaching one of them continues (or, at the
+# length limit, is cut there). ``DecodeOptions.dangling`` (``--dangling``) replaces the list.
+DANGLING_EN = ("a", "an", "the", "of", "with", "and", "or", "in", "on", "at", "to", "for", "from", "by", "into",
+               "onto", "near", "its", "his", "her", "their", "while", "is", "are")
+
+# The n-gram blocking of every decode unless asked otherwise (caption, evaluate, the API, exported
+# model folders), chosen by measurement on Flickr8k val (docs/performance.md, "Decoding defaults").
+BLOCK_NGRAMS = 3

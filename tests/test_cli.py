@@ -82,8 +82,10 @@ def test_evaluate_writes_eval_and_coco_captions(runner, tiny_data, tiny_run, tmp
     assert scores["images"] == n_test and scores["beam_size"] == 2
     # every decoding setting: the dataset's longest caption when --max-length is not given
     manifest = json.loads((tiny_data / "manifest.json").read_text())
-    assert (scores["max_length"], scores["length_penalty"], scores["block_ngrams"]) == (
-        manifest["vocab"]["max_length"], 0.0, 0)
+    from capcli.text import BLOCK_NGRAMS, DANGLING_EN
+
+    assert (scores["max_length"], scores["length_penalty"], scores["block_ngrams"], scores["allow_unk"],
+            scores["dangling"]) == (manifest["vocab"]["max_length"], 0.0, BLOCK_NGRAMS, False, list(DANGLING_EN))
     for key in ("bleu1", "bleu4", "rouge_l", "top5"):
         assert 0.0 <= scores[key] <= 1.0
     # where the time went, phase by phase, within the command's total
@@ -279,3 +281,22 @@ def test_caption_sampling_and_ngram_blocking(runner, tiny_run, tmp_path):
         assert len(set(zip(words, words[1:]))) == len(words) - 1  # no bigram twice
     result = invoke(runner, ["caption", tiny_run, images, "--temperature", 0.5, "--device", "cpu"], code=1)
     assert "--sample" in result.output
+
+
+def test_decoding_defaults_and_word_constraints_on_the_command_line(runner, tiny_data, tiny_run, tmp_path):
+    """caption and evaluate share the decode defaults (no <unk>, no dangling last word, the
+    measured n-gram blocking), say them in --help, and take --allow-unk, --dangling and
+    --block-ngrams; eval.json records what was used."""
+    from capcli.cli.common import dangling_words
+    from capcli.text import BLOCK_NGRAMS
+
+    assert dangling_words(None) is None and dangling_words("none") == ()
+    assert dangling_words(" A, the ,of") == ("a", "the", "of")
+    for command in ("caption", "evaluate"):
+        text = " ".join(invoke(runner, [command, "--help"]).output.replace("│", " ").split())  # unwrap rich's box
+        assert "--allow-unk" in text and "--dangling" in text and f"default {BLOCK_NGRAMS}" in text
+    out = tmp_path / "raw" / "eval.json"
+    invoke(runner, ["evaluate", tiny_run, "--data", tiny_data, "--split", "test", "--beam", 2, "--allow-unk",
+                    "--dangling", "none", "--block-ngrams", 2, "--output", out, "--device", "cpu", "-q"])
+    scores = json.loads(out.read_text())
+    assert (scores["allow_unk"], scores["dangling"], scores["block_ngrams"]) == (True, [], 2)

@@ -251,3 +251,91 @@ def test_images_leave_the_beam_search_when_their_beams_end(grouped, monkeypatch)
         torch.testing.assert_close(batched.alphas[i, :steps], one.alphas[0].to(batched.alphas.dtype),
                                    rtol=1e-10, atol=1e-12)
         assert not batched.alphas[i, steps:].any()
+
+
+UNK = 3
+
+
+def unk_loving_table(b: int, v: int) -> torch.Tensor:
+    """A model whose likeliest first word is <unk> (then word 4), and which ends after one word."""
+    logits = torch.full((b, v, v), -1e9)
+    logits[:, START, UNK], logits[:, START, 4] = 0.0, -0.5
+    logits[:, 3:, END] = 0.0
+    logits[:, 3:, 5:] = -3.0
+    return torch.log_softmax(logits, -1)
+
+
+def test_unk_is_never_emitted_unless_allowed():
+    """<unk> is banned like <pad> in beam search, greedy decoding and sampling; without the ban the
+    same model emits it (the test can fail)."""
+    from capcli.decode import beam_search, sample
+
+    v = 9
+    table = unk_loving_table(2, v)
+    feats = torch.zeros(2, 1, 1)
+    kw = {"start": START, "end": END, "pad": PAD, "max_length": 4}
+    for beam in (1, 3):
+        raw = beam_search(Markov(table), feats, beam_size=beam, **kw)
+        assert all(UNK in t for t in raw.tokens)
+        clean = beam_search(Markov(table), feats, beam_size=beam, banned=(UNK,), **kw)
+        assert all(UNK not in t for t in clean.tokens) and all(len(t) > 0 for t in clean.tokens)
+    torch.manual_seed(0)
+    drawn = sample(Markov(unk_loving_table(400, v)), torch.zeros(400, 1, 1), banned=(UNK,), **kw)
+    assert not (drawn.tokens == UNK).any()
+    assert (sample(Markov(unk_loving_table(400, v)), torch.zeros(400, 1, 1), **kw).tokens == UNK).any()
+
+
+def test_no_caption_ends_on_a_dangling_word_unless_cut_at_max_length():
+    """After word 4 ("a"), <end> is the model's likeliest next token: with 4 dangling, beam search
+    and sampling go on to another word first; a caption that reaches max_length on it is cut there."""
+    from capcli.decode import beam_search, sample
+
+    v = 8
+    logits = torch.full((1, v, v), -1e9)
+    logits[0, START, 4] = 0.0  # "a" first
+    logits[0, 4, END], logits[0, 4, 6] = 0.0, -2.0  # then <end> (likely) or "dog"
+    logits[0, 6, END] = 0.0
+    table = torch.log_softmax(logits, -1)
+    feats = torch.zeros(1, 1, 1)
+    kw = {"start": START, "end": END, "pad": PAD}
+    assert beam_search(Markov(table), feats, beam_size=3, max_length=5, **kw).tokens == [[4]]
+    assert beam_search(Markov(table), feats, beam_size=3, max_length=5, dangling=(4,), **kw).tokens == [[4, 6]]
+    assert beam_search(Markov(table), feats, beam_size=1, max_length=1, dangling=(4,), **kw).tokens == [[4]]
+    torch.manual_seed(0)
+    drawn = sample(Markov(table.expand(200, v, v)), torch.zeros(200, 1, 1), max_length=5, dangling=(4,), **kw)
+    assert drawn.tokens[:, :3].tolist() == [[4, 6, END]] * 200
+
+
+def test_sampling_several_captions_per_image_keeps_them_image_major():
+    """per_image=k draws k captions of each image (rows i*k .. i*k+k-1), each from its image's
+    distribution: image 0 always says word 4, image 1 word 5."""
+    from capcli.decode import sample
+
+    v = 7
+    logits = torch.full((2, v, v), -1e9)
+    logits[0, START, 4] = logits[1, START, 5] = 0.0
+    logits[:, 4:6, END] = 0.0
+    s = sample(Markov(torch.log_softmax(logits, -1)), torch.zeros(2, 1, 1), start=START, end=END, pad=PAD,
+               max_length=3, per_image=3)
+    assert s.tokens.tolist() == [[4, END]] * 3 + [[5, END]] * 3 and s.ended.all()
+
+
+def test_draw_follows_the_distribution_and_never_draws_a_zero():
+    from capcli.decode import draw
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]]).expand(20000, 6)
+    g = torch.Generator().manual_seed(1)
+    words = draw(probs, g)
+    freq = torch.bincount(words, minlength=6).float() / len(words)
+    assert freq[[0, 2, 5]].sum() == 0
+    assert freq[[1, 3, 4]].tolist() == pytest.approx([0.5, 0.3, 0.2], abs=0.015)
+
+
+def test_draw_at_the_top_of_the_distribution_takes_the_last_possible_word(monkeypatch):
+    """A uniform draw whose product with the total rounds up to the total still lands on a word of
+    positive probability, not on the zero-probability words after it."""
+    from capcli.decode import draw
+
+    probs = torch.tensor([[0.25, 0.75, 0.0, 0.0]])
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones(1, 1, dtype=k.get("dtype")))  # u = total
+    assert draw(probs).tolist() == [1]

@@ -69,7 +69,10 @@ def test_export_writes_exactly_the_model_files_and_nothing_pickled(run, folder):
     prep = meta["preprocessing"]
     assert prep["image_size"] == 32 and prep["resize"] == "squash"
     assert prep["mean"] == pytest.approx([0.485, 0.456, 0.406]) and prep["std"] == pytest.approx([0.229, 0.224, 0.225])
-    assert meta["decoding"] == {"beam_size": 3, "max_length": ckpt["data"]["max_length"], "block_ngrams": 0}
+    from capcli.text import BLOCK_NGRAMS, DANGLING_EN
+
+    assert meta["decoding"] == {"beam_size": 3, "max_length": ckpt["data"]["max_length"], "block_ngrams": BLOCK_NGRAMS,
+                                "allow_unk": False, "dangling": list(DANGLING_EN)}
     assert meta["model"]["encoder"] == "convnext_atto" and meta["model"]["vocab_size"] == len(ckpt["vocab"])
     assert meta["model"]["parameters"]["total"] == sum(t.numel() for t in ckpt["model"].values())
     assert json.loads((folder / "vocab.json").read_text()) == list(ckpt["vocab"])

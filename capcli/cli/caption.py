@@ -7,7 +7,8 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from capcli.cli.common import DebugOpt, DeviceOpt, ModelAmpOpt, QuietOpt, command, resolve_device
+from capcli.cli.common import (AllowUnkOpt, BlockNgramsOpt, DanglingOpt, DebugOpt, DeviceOpt, ModelAmpOpt, QuietOpt,
+                               command, dangling_words, resolve_device)
 from capcli.errors import UserError
 from capcli.report import console, make_progress, table
 
@@ -23,7 +24,9 @@ def caption(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write captions to .jsonl (streamed as made), .json or .csv.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a stopped run: skip the files --output already has.")] = False,
     attention_maps: Annotated[Optional[Path], typer.Option("--attention-maps", help="Folder for attention heat-map PNGs.")] = None,
-    block_ngrams: Annotated[int, typer.Option("--block-ngrams", min=0, help="Never repeat an n-gram of this size within a caption (0 = off; 3 is common).")] = 0,
+    block_ngrams: BlockNgramsOpt = None,
+    allow_unk: AllowUnkOpt = False,
+    dangling: DanglingOpt = None,
     sample: Annotated[bool, typer.Option("--sample", help="Draw captions from the model instead of beam search: varied captions.")] = False,
     temperature: Annotated[float, typer.Option("--temperature", min=0.01, help="With --sample: below 1 safer, above 1 more varied.")] = 1.0,
     top_k: Annotated[int, typer.Option("--top-k", min=0, help="With --sample: draw among the k likeliest words only (0 = all).")] = 0,
@@ -43,7 +46,7 @@ def caption(
       capcli caption runs/tiny/checkpoints/best.pt "photos/**/*.jpg" --beam 5 --output captions.csv
       capcli caption runs/tiny photo.jpg --attention-maps maps/
       capcli caption my_model/ photos/ --output captions.jsonl --resume        (a model folder; continue a stopped run)
-      capcli caption hf-hub:user/coco-captioner photos/ --beam 5 --block-ngrams 3
+      capcli caption hf-hub:user/coco-captioner photos/ --beam 5 --block-ngrams 0 --allow-unk   (the raw model)
       capcli caption runs/tiny photos/ --sample --temperature 0.7 --top-k 20 --seed 1
       capcli caption runs/coco photos/ --amp bf16 --output captions.jsonl        (bf16 on an AMX CPU: faster)
       torchrun --nproc_per_node 4 -m capcli caption runs/coco photos/ --output captions.jsonl
@@ -72,7 +75,8 @@ def caption(
             raise UserError(f"no image files found in {' '.join(paths)}; give files, folders or globs "
                             "(jpg, png, bmp, gif, webp, tiff)")
         options = captioner.decode_options(beam=beam, max_length=max_length, block_ngrams=block_ngrams, seed=seed,
-                                           sample={"temperature": temperature, "top_k": top_k} if sample else None)
+                                           sample={"temperature": temperature, "top_k": top_k} if sample else None,
+                                           allow_unk=allow_unk, dangling=dangling_words(dangling))
         with make_progress(quiet or len(files) < 2) as bar:
             task = bar.add_task("caption", total=len(files), info=f"beam {beam}" if not sample else "sampling")
             rows = caption_files(captioner, files, options, output=output, resume=resume, dist=d,

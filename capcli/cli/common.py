@@ -14,6 +14,7 @@ import typer
 
 from capcli.errors import UserError, holds_open, is_disk_full
 from capcli.report import err_console
+from capcli.text import BLOCK_NGRAMS
 
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only results and errors.")]
@@ -22,6 +23,25 @@ ModelAmpOpt = Annotated[Optional[str], typer.Option(
     "--amp", help="Precision: auto | off | bf16 | fp16 (default: the model's train.amp). auto: bf16 "
                   "(fp16 where bf16 is missing) on CUDA, float32 on a CPU. bf16 also runs on a CPU, faster "
                   "where it has AMX (recent Xeons); its captions may differ slightly from float32's.")]
+
+
+BlockNgramsOpt = Annotated[Optional[int], typer.Option(
+    "--block-ngrams", min=0, help=f"Never repeat an n-gram of this size within a caption (0 = off; default "
+    f"{BLOCK_NGRAMS}, chosen by measurement on Flickr8k val: docs/performance.md, Decoding defaults).")]
+AllowUnkOpt = Annotated[bool, typer.Option(
+    "--allow-unk", help="Let <unk> (a word outside the vocabulary) appear in captions; by default it never does.")]
+DanglingOpt = Annotated[Optional[str], typer.Option(
+    "--dangling", help="Comma-separated words a caption may not end on (default: English articles, prepositions "
+    "and conjunctions such as a, the, of, with, and); 'none' allows any.")]
+
+
+def dangling_words(value: str | None) -> tuple[str, ...] | None:
+    """``--dangling``: None (the default list), () for 'none', else the words given."""
+    if value is None:
+        return None
+    if value.strip().lower() in ("none", ""):
+        return ()
+    return tuple(w.strip().lower() for w in value.split(",") if w.strip())
 
 
 def resolve_device(spec: str):

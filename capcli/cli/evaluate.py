@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from capcli.cli.common import DebugOpt, DeviceOpt, ModelAmpOpt, QuietOpt, command, resolve_device
+from capcli.cli.common import (AllowUnkOpt, BlockNgramsOpt, DanglingOpt, DebugOpt, DeviceOpt, ModelAmpOpt, QuietOpt,
+                               command, dangling_words, resolve_device)
 from capcli.errors import UserError
 from capcli.report import console, make_progress, metrics_table
 from capcli.store.files import write_json
@@ -22,7 +23,9 @@ def evaluate(
     max_length: Annotated[int, typer.Option("--max-length", min=0, help="Longest caption in words (0 = dataset's).")] = 0,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images decoded at once (default: 32 on a CPU, 128 on a GPU).")] = None,
     max_images: Annotated[int, typer.Option("--max-images", min=0, help="Score only the first N images (0 = all).")] = 0,
-    block_ngrams: Annotated[int, typer.Option("--block-ngrams", min=0, help="Never repeat an n-gram of this size within a caption (0 = off).")] = 0,
+    block_ngrams: BlockNgramsOpt = None,
+    allow_unk: AllowUnkOpt = False,
+    dangling: DanglingOpt = None,
     results: Annotated[Optional[Path], typer.Option("--results", help="Score this COCO results file instead of a model.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="eval.json path; captions.json goes beside it (default: RUN/eval-SPLIT/ for a run, else ./eval.json).")] = None,
     meteor: Annotated[Optional[bool], typer.Option("--meteor/--no-meteor", help="METEOR needs Java; default: when available.")] = None,
@@ -37,13 +40,13 @@ def evaluate(
 
     Examples:
       capcli evaluate runs/tiny --data data/synthetic --split test --beam 3
-      capcli evaluate runs/tiny/checkpoints/best.pt --beam 5 --block-ngrams 3 --output results/eval.json
+      capcli evaluate runs/tiny/checkpoints/best.pt --beam 5 --block-ngrams 0 --output results/eval.json
+      capcli evaluate runs/tiny --allow-unk --dangling none      (the raw model: <unk> and any last word)
       capcli evaluate runs/coco --amp bf16        (bf16 on an AMX CPU: faster, scores may move slightly)
       capcli evaluate --results captions.json --data data/coco --split test
     """
     from capcli.data.dataset import CaptionDataset
-    from capcli.decode import DecodeOptions
-    from capcli.evaluate import evaluate_checkpoint, score_results
+    from capcli.evaluate import decode_options, evaluate_checkpoint, score_results
 
     if results is not None:
         if amp is not None:
@@ -71,7 +74,7 @@ def evaluate(
             bar.update(tasks[phase], completed=done)
 
         scores, output = evaluate_checkpoint(
-            checkpoint, dev, DecodeOptions(beam_size=beam, max_length=max_length or None, block_ngrams=block_ngrams),
+            checkpoint, dev, decode_options(beam, max_length, block_ngrams, allow_unk, dangling_words(dangling)),
             data=data, split=split, amp=amp, batch_size=batch_size, max_images=max_images, num_workers=workers,
             meteor=meteor, output=output, progress=progress)
     console.print(metrics_table(scores, f"{checkpoint} on {scores['data']}, split {split}, beam {beam}"))

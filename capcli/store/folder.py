@@ -20,7 +20,7 @@ A model folder holds exactly::
   normalisation, applied inside the encoder to pixels scaled to [0, 1]), ``encoder_image_size``
   (the size the encoder resizes to internally; null = as given), ``channels_last``;
 - ``decoding``: the defaults ``capcli caption`` uses: ``beam_size``, ``max_length`` (longest
-  caption in words), ``block_ngrams``;
+  caption in words), ``block_ngrams``, ``allow_unk``, ``dangling`` (words no caption ends on);
 - ``data``: the training data facts the model carries (``image_size``, ``resize``,
   ``max_length``, ``dir``), as in a checkpoint;
 - ``model``: a summary for people and tools: encoder name, decoder sizes, vocabulary size,
@@ -44,6 +44,7 @@ from capcli.errors import UserError
 from capcli.store import checkpoint, hub
 from capcli.store.card import model_card
 from capcli.store.files import atomic_path, write_json, write_text
+from capcli.text import BLOCK_NGRAMS, DANGLING_EN
 from capcli.version import __version__
 
 MODEL_FORMAT = "capcli-model"
@@ -60,7 +61,7 @@ MODEL_FILES = {
     VOCAB_FILE: "the vocabulary, index -> token",
     CARD_FILE: "this card",
 }
-DEFAULT_DECODING = {"beam_size": 3, "block_ngrams": 0}
+DEFAULT_DECODING = {"beam_size": 3, "block_ngrams": BLOCK_NGRAMS, "allow_unk": False, "dangling": list(DANGLING_EN)}
 
 
 def read_model(source: str | Path) -> dict:
@@ -225,7 +226,7 @@ def model_folder_config(state: dict) -> dict:
             "encoder_image_size": model_cfg.get("image_size"), "channels_last": enc["channels_last"],
         },
         "decoding": {"beam_size": DEFAULT_DECODING["beam_size"], "max_length": int(data.get("max_length") or 50),
-                     "block_ngrams": DEFAULT_DECODING["block_ngrams"]},
+                     **{k: v for k, v in DEFAULT_DECODING.items() if k != "beam_size"}},
         "data": data,
         "config": cfg,
     }
