@@ -60,20 +60,30 @@ class TrainConfig:
     init_from: Any = None  # a run dir or checkpoint whose weights start this run (fresh optimizer): xe, then scst
     scst_samples: int = 5  # scst: captions sampled per image
     scst_baseline: str = "mean"  # scst: mean (of the image's other samples, Luo 2020) | greedy (its greedy caption's reward)
+    # cross-entropy, then self-critical training in the same run and budget: 0 (never) | N (after N
+    # epochs) | "P%" (after P% of train.max_minutes) | auto (when val CIDEr-D stops improving, or at
+    # train.scst_auto_share of the budget, whichever comes first)
+    scst_after: Any = 0
+    scst_lr: float = 1e-4  # scst_after: the decoder's learning rate once self-critical (a fresh Adam)
+    scst_warmup_steps: int = 100  # scst_after: linear warm-up of scst_lr over the first N self-critical steps
+    scst_auto_share: float = 0.6  # scst_after=auto: switch at this share of max_minutes at the latest
+    scst_max_length: int = 16  # scst: longest sampled caption in words (0 = train.max_length)
     # teacher forcing: the share of steps that read the ground-truth word (else the model's own argmax)
     teacher_forcing: Any = True  # true (1) | false (0) | a ratio in [0, 1] | scheduled (= tf_schedule linear)
     tf_schedule: str = "constant"  # constant (teacher_forcing) | linear | inverse_sigmoid: tf_start -> tf_end, per step
     tf_start: float = 1.0  # scheduled: the ratio at the first step
     tf_end: float = 0.0  # scheduled: the ratio reached at the last step (linear) or approached (inverse_sigmoid)
     tf_k: float = 0.0  # inverse_sigmoid steepness k of Bengio et al. 2015, k/(k+exp(step/k)); 0 = midway at mid-run
-    lr_schedule: str = "none"  # none | plateau (x lr_factor after lr_patience validations without a better score) | cosine
+    # none | plateau (x lr_factor after lr_patience validations without a better score) | cosine | linear
+    # (cosine and linear decay over the run: its steps, or with max_minutes its time if that ends first)
+    lr_schedule: str = "none"
     lr_factor: float = 0.8  # plateau: multiply the rates by this ...
     lr_patience: int = 8  # ... after this many validations in a row without a better best_metric
     warmup_steps: int = 0  # linear learning-rate warm-up over the first N steps (any schedule)
     min_lr_ratio: float = 0.0  # cosine: the rate decays to this fraction of the initial one
     finetune_after: int = 0  # epochs on a frozen encoder (on the feature cache) before fine-tuning it (0 = from the start)
     amp: Any = "auto"  # mixed precision: auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16
-    best_metric: str = "auto"  # bleu4 | cider: picks best.pt, early stopping and plateau (auto: bleu4 for xe, cider for scst)
+    best_metric: str = "auto"  # bleu4 | cider: picks best.pt, early stopping and plateau (auto: bleu4 for xe, cider with scst)
     patience: int = 0  # early stopping: validations without a better best_metric (0 = never stop early)
     cache_features: bool = True  # frozen encoder: encode each image once into DATA/features/, train on the cache
     val_every: Any = 1  # validate every N epochs (an int) or every N steps ("500 steps"); and at the end
@@ -231,7 +241,7 @@ def config_from_dict(data: dict) -> Config:
 
 
 TF_SCHEDULES = ("constant", "linear", "inverse_sigmoid")
-LR_SCHEDULES = ("none", "plateau", "cosine")
+LR_SCHEDULES = ("none", "plateau", "cosine", "linear")
 OBJECTIVES = ("xe", "scst")
 SCST_BASELINES = ("mean", "greedy")
 BEST_METRICS = ("auto", "bleu4", "cider")
@@ -265,6 +275,30 @@ def parse_val_every(value: Any) -> tuple[int, str]:
     return n, unit
 
 
+def parse_scst_after(value: Any) -> tuple[str, float]:
+    """``train.scst_after`` -> (kind, value): 0 -> ("never", 0), 3 -> ("epochs", 3), "60%" ->
+    ("share", 0.6), "auto" -> ("auto", 0)."""
+    if isinstance(value, bool):
+        raise UserError(f"train.scst_after must be 0, a number of epochs, a share of the budget (\"60%\") or auto, "
+                        f"got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise UserError(f"train.scst_after must be 0 or more epochs, got {value}")
+        return ("never", 0.0) if value == 0 else ("epochs", float(value))
+    text = str(value).strip()
+    if text == "auto":
+        return "auto", 0.0
+    if text.endswith("%"):
+        try:
+            share = float(text[:-1]) / 100
+        except ValueError:
+            share = -1.0
+        if 0.0 < share < 1.0:
+            return "share", share
+    raise UserError(f"train.scst_after must be 0 (never), N epochs, a share of train.max_minutes between 0% and "
+                    f"100% (\"60%\") or auto, got {value!r}")
+
+
 def validate(cfg: Config) -> None:
     """Check values that types alone cannot: ranges, choices and combinations. One-line errors."""
     t, m = cfg.train, cfg.model
@@ -289,6 +323,21 @@ def validate(cfg: Config) -> None:
     if t.scst_samples < 1 or (t.scst_baseline == "mean" and t.scst_samples < 2):
         raise UserError(f"train.scst_samples must be at least {2 if t.scst_baseline == 'mean' else 1} "
                         f"(the mean baseline averages the other samples of an image), got {t.scst_samples}")
+    kind, after = parse_scst_after(t.scst_after)
+    if kind != "never":
+        if t.objective != "xe":
+            raise UserError(f"train.scst_after switches from cross-entropy to self-critical training; it needs "
+                            f"train.objective=xe (now {t.objective}), or set train.scst_after=0")
+        if kind == "epochs" and after >= t.epochs:
+            raise UserError(f"train.scst_after={t.scst_after} leaves no self-critical epoch within "
+                            f"train.epochs={t.epochs}; lower it or raise train.epochs")
+        if kind == "share" and not t.max_minutes:
+            raise UserError(f"train.scst_after={t.scst_after} is a share of the time budget; set train.max_minutes "
+                            "(or give a number of epochs)")
+    if t.scst_lr <= 0:
+        raise UserError(f"train.scst_lr must be positive, got {t.scst_lr!r}")
+    if not 0.0 < t.scst_auto_share < 1.0:
+        raise UserError(f"train.scst_auto_share must be between 0 and 1, got {t.scst_auto_share!r}")
     if t.init_from is not None and not isinstance(t.init_from, str):
         raise UserError(f"train.init_from must be a run dir or checkpoint path, got {t.init_from!r}")
     for key in ("lr", "encoder_lr"):
@@ -297,7 +346,7 @@ def validate(cfg: Config) -> None:
     if not 0.0 < t.lr_factor <= 1.0:
         raise UserError(f"train.lr_factor must be in (0, 1], got {t.lr_factor!r}")
     _fraction("train.min_lr_ratio", t.min_lr_ratio)
-    for key in ("lr_patience", "warmup_steps", "finetune_after", "patience", "max_length", "weight_decay",
+    for key in ("lr_patience", "warmup_steps", "scst_warmup_steps", "scst_max_length", "finetune_after", "patience", "max_length", "weight_decay",
                 "grad_clip", "alpha_c", "max_minutes"):
         if getattr(t, key) < 0:
             raise UserError(f"train.{key} must be 0 or more, got {getattr(t, key)!r}")
@@ -358,7 +407,8 @@ def best_metric(cfg: Config) -> str:
     """The score that picks best.pt: ``train.best_metric``, or the objective's own (auto)."""
     if cfg.train.best_metric != "auto":
         return cfg.train.best_metric
-    return "cider" if cfg.train.objective == "scst" else "bleu4"
+    scst = cfg.train.objective == "scst" or parse_scst_after(cfg.train.scst_after)[0] != "never"
+    return "cider" if scst else "bleu4"
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -206,9 +206,14 @@ class CiderD:
         self._refs: dict = {}
 
     @classmethod
-    def from_references(cls, references: Mapping[str, Sequence[str]], n: int = 4, sigma: float = 6.0) -> "CiderD":
-        """From raw reference strings (key -> captions), tokenised as :func:`caption_scores` does."""
-        return cls({k: [(len(t), _ngram_counts(t, n)) for t in (tokenize(r) for r in refs)]
+    def from_references(cls, references: Mapping[str, Sequence[str]], n: int = 4, sigma: float = 6.0,
+                        end: str | None = None) -> "CiderD":
+        """From raw reference strings (key -> captions), tokenised as :func:`caption_scores` does;
+        with ``end`` (a token no caption contains) that token closes every reference, so that a
+        hypothesis scored with it closed too earns the n-grams of how references end (a caption
+        that stops on "with a" matches none)."""
+        close = [end] if end is not None else []
+        return cls({k: [(len(t), _ngram_counts(t + close, n)) for t in (tokenize(r) for r in refs)]
                     for k, refs in references.items()}, n, sigma)
 
     def _vectorise(self, counts: Counter[_Ngram]) -> tuple[list[dict[_Ngram, float]], list[float], int]:

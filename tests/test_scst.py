@@ -13,7 +13,7 @@ from capcli.config import load_config
 from capcli.data.dataset import CaptionDataset
 from capcli.decode import Samples
 from capcli.errors import UserError
-from capcli.metrics import caption_scores, cider_d
+from capcli.metrics import cider_d
 from capcli.models.captioner import CaptionModel
 from capcli.text import tokenize
 from capcli.training.trainer import Trainer, train
@@ -35,10 +35,14 @@ def xe_run(tiny_data, tmp_path_factory):
     return runs / "xe"
 
 
-def test_reward_is_the_metrics_cider_d(tiny_data):
+def test_reward_is_the_metrics_cider_d_with_the_end_of_each_caption(tiny_data):
     """Each sample's reward equals the per-image CIDEr-D that capcli.metrics computes for the same
-    caption when the whole training split is scored (the same document frequencies), and their
-    mean is caption_scores' CIDEr-D."""
+    caption when the whole training split is scored (the same document frequencies), with an end
+    token closing every reference and every ended caption: ending where references end pays, and
+    stopping one word short costs more than it would without the end token."""
+    from capcli.metrics import CiderD
+    from capcli.training.objectives import END_TOKEN
+
     ds = CaptionDataset(tiny_data, "train")
     vocab = ds.vocab
     cfg = load_config("tiny", [f"data.dir={tiny_data}", *TINY_OVERRIDES])
@@ -55,13 +59,25 @@ def test_reward_is_the_metrics_cider_d(tiny_data):
         rows[i, len(ids)] = vocab.end
         hyps[str(i)] = vocab.decode(ids)
     rewards = objective.rewards(list(range(len(ds))), rows)
-    per_image = cider_d({str(i): [tokenize(r) for r in refs[i]] for i in range(len(ds))},
-                        {k: tokenize(h) for k, h in hyps.items()}, per_image=True)
+    closed = cider_d({str(i): [tokenize(r) + [END_TOKEN] for r in refs[i]] for i in range(len(ds))},
+                     {k: tokenize(h) + [END_TOKEN] for k, h in hyps.items()}, per_image=True)
     for i in range(len(ds)):
-        assert rewards[i].item() == pytest.approx(per_image[str(i)], rel=1e-12, abs=1e-12)
-    full = caption_scores({str(i): refs[i] for i in range(len(ds))}, hyps, meteor=False)
-    assert rewards.mean().item() == pytest.approx(full["cider"], rel=1e-12)
+        assert rewards[i].item() == pytest.approx(closed[str(i)], rel=1e-12, abs=1e-12)
     assert rewards.max().item() > 0.5  # the reference-prefix captions do earn a reward
+
+    # a whole reference against the same words less the last: the end token widens the gap
+    full = [vocab.stoi.get(w, vocab.unk) for w in tokenize(refs[0][0])]
+    rows = torch.full((2, len(full) + 1), vocab.pad, dtype=torch.long)
+    rows[0, :len(full)], rows[0, len(full)] = torch.tensor(full), vocab.end
+    rows[1, :len(full) - 1], rows[1, len(full) - 1] = torch.tensor(full[:-1]), vocab.end
+    with_end = objective.rewards([0, 0], rows)
+    plain = CiderD.from_references(dict(enumerate(refs)))
+    without = [plain.score(0, tokenize(vocab.decode(r.tolist()))) for r in rows]
+    assert with_end[0] - with_end[1] > without[0] - without[1] > 0
+    # a caption cut at max_length (no <end>) gets no end token
+    cut = objective.rewards([0], rows[:1, :len(full)])
+    assert cut.item() == pytest.approx(CiderD.from_references(dict(enumerate(refs)), end=END_TOKEN).score(
+        0, tokenize(vocab.decode(full))), rel=1e-12)
 
 
 def test_mean_baseline_with_identical_samples_gives_no_gradient(tiny_data, monkeypatch):
@@ -113,6 +129,96 @@ def test_scst_resume_is_exact(tiny_data, tmp_path, xe_run):
     assert a["best_metric"] == "cider"
     last = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()][-1]
     assert {"train_reward", "train_baseline", "train_ended", "val_cider"} <= set(last)
+
+
+def records_of(run) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+SWITCH = ["train.epochs=2", "train.scst_after=1", "train.scst_samples=3", "train.scst_lr=2e-4",
+          "train.scst_warmup_steps=2"]
+
+
+def stop_at(trainer, epoch: int, step: int) -> None:
+    """Send the trainer a SIGTERM (as a scheduler does) after step ``step`` of epoch ``epoch``."""
+    trainer.emit = lambda e, **i: setattr(trainer.signals, "received", "SIGTERM") if (
+        e == "step" and i["epoch"] == epoch and i["step"] == step) else None
+
+
+def test_scst_after_switches_inside_one_run_and_resumes_exactly_across_the_switch(tiny_data, tmp_path):
+    """train.scst_after=1: one epoch of cross-entropy, then self-critical training in the same run,
+    with its own Adam at scst_lr (warmed up), each metrics row naming its objective, best.pt by
+    CIDEr-D; a run stopped before the switch or after it and resumed ends with the same weights."""
+    summary = train(cfg_for(tiny_data, tmp_path, "run.name=full", *SWITCH), CPU)
+    recs = records_of(tmp_path / "full")
+    assert [r["objective"] for r in recs] == ["xe", "scst"]
+    assert "train_ce" in recs[0] and {"train_reward", "train_baseline"} <= set(recs[1])
+    assert recs[0]["lr"] == pytest.approx(1e-3) and recs[1]["lr"] == pytest.approx(2e-4)  # tiny's lr, scst_lr
+    assert summary["best_metric"] == "cider"
+    last = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
+    assert last["stage"] == "scst" and last["best_metric"] == "cider"
+    # tiny fine-tunes its encoder: in the second stage too, its rate scaled as the decoder's (5e-4 * 2e-4 / 1e-3)
+    assert [g["initial_lr"] for g in last["optimizer"]["param_groups"]] == pytest.approx([2e-4, 1e-4])
+    for epoch, step in ((0, 2), (1, 2)):  # before the switch, after it
+        name = f"part{epoch}"
+        trainer = Trainer(cfg_for(tiny_data, tmp_path, f"run.name={name}", *SWITCH), CPU)
+        stop_at(trainer, epoch, step)
+        assert trainer.fit()["stop_reason"] == "signal"
+        train(None, CPU, resume=tmp_path / name)
+        part = torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)
+        for key in last["model"]:
+            torch.testing.assert_close(part["model"][key], last["model"][key], rtol=0, atol=0, msg=f"{name} {key}")
+        assert [r["objective"] for r in records_of(tmp_path / name)][-1] == "scst"
+
+
+def test_scst_after_a_share_of_the_budget_switches_mid_epoch(tiny_data, tmp_path):
+    """train.scst_after="50%": once half of max_minutes has passed (here: the run's clock moved on
+    by 6 of its 10 minutes after step 2), the cross-entropy weights are validated and saved, and the
+    next steps are self-critical; the learning rate warms up from the switch."""
+    trainer = Trainer(cfg_for(tiny_data, tmp_path, "run.name=share", "train.epochs=2", "train.max_minutes=10",
+                              "train.scst_after=50%", "train.scst_samples=3", "train.scst_warmup_steps=4"), CPU)
+    lrs = []
+
+    def emit(event, **info):
+        if event == "step" and info["epoch"] == 0 and info["step"] == 2:
+            trainer.budget.t0 -= 360
+        if event == "step":
+            lrs.append(trainer.optimizer.param_groups[0]["lr"])
+    trainer.emit = emit
+    trainer.fit()
+    recs = records_of(tmp_path / "share")
+    # validated at the switch, after the second step
+    assert recs[0]["objective"] == "xe" and recs[0]["step"] == 2 and "val_cider" in recs[0]
+    assert {r["objective"] for r in recs[1:]} == {"scst"}
+    assert lrs[:2] == pytest.approx([1e-3, 1e-3])  # tiny's cross-entropy rate
+    assert lrs[2:4] == pytest.approx([1e-4 / 4, 2e-4 / 4])  # then scst_lr (1e-4) over a 4-step warm-up
+
+
+def test_scst_after_auto_switches_when_cider_stops_improving(tiny_data, tmp_path, monkeypatch):
+    """train.scst_after=auto without a budget: the first validation that brings no better CIDEr-D
+    ends the cross-entropy stage, and the best cross-entropy weights start self-critical training."""
+    scores = iter([0.5, 0.4] + [0.3] * 20)
+    real = Trainer.validate
+
+    def fake(self):
+        out = real(self)
+        out["cider"] = next(scores)
+        return out
+    monkeypatch.setattr(Trainer, "validate", fake)
+    train(cfg_for(tiny_data, tmp_path, "run.name=auto", "train.epochs=3", "train.scst_after=auto",
+                  "train.val_every=2 steps", "train.scst_samples=3"), CPU)
+    recs = records_of(tmp_path / "auto")
+    objectives = [r["objective"] for r in recs]
+    assert objectives[:2] == ["xe", "xe"] and set(objectives[2:]) == {"scst"}
+
+
+@pytest.mark.parametrize("value, message", [("50%", "max_minutes"), (2, "no self-critical epoch"),
+                                            ("150%", "scst_after"), ("soon", "scst_after")])
+def test_scst_after_bad_values_are_one_line_errors(value, message):
+    with pytest.raises(UserError, match=message):
+        load_config("tiny", [f"train.scst_after={value}", "train.epochs=2"])
+    with pytest.raises(UserError, match="objective=xe"):
+        load_config("tiny", ["train.scst_after=1", "train.objective=scst"])
 
 
 def test_init_from_needs_the_datasets_vocabulary(tmp_path, xe_run, runner):

@@ -37,12 +37,13 @@ ENCODERS: dict[str, tuple[str, int, int]] = {
     "resnext101_32x8d": ("conv", 2048, 32),
     "vgg16": ("conv", 512, 32),
     "mobilenetv3_large_100": ("conv", 960, 32),
+    "tf_efficientnet_lite0": ("conv", 1280, 32),
     "vit_base_patch16_224": ("tokens", 768, 16),
     "deit_base_patch16_224": ("tokens", 768, 16),
 }
 
 # built and run for real on the CPU; everything else on the meta device
-REAL = {"convnext_atto"}
+REAL = {"convnext_atto", "tf_efficientnet_lite0"}
 
 # the side `capcli prepare SOURCE` stores images at when --size is not given
 PREPARE_DEFAULT_SIZE = {"synthetic": 96}

@@ -104,6 +104,35 @@ def test_cosine_with_warmup_per_group():
     assert got[4] == pytest.approx([1e-4, 1e-5])  # the floor: min_lr_ratio
 
 
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_a_budget_bounds_the_decay_by_time_and_a_stage_has_its_own_schedule(kind):
+    """With a time budget the decay reaches its floor as the seconds it spans pass, however few
+    steps that is; a stage starting at step 100 warms up from there; the seconds used survive a
+    checkpoint."""
+    t = load_config("tiny", [f"train.lr_schedule={kind}", "train.min_lr_ratio=0.1"]).train
+    opt = _optimizer()
+    sched = LRSchedule(t, opt, total_steps=10_000, seconds=60.0)
+    half = 0.1 + 0.9 * (0.5 if kind == "cosine" else 0.5)  # both shapes are at 0.55 half-way
+    for used, factor in ((0.0, 1.0), (30.0, half), (60.0, 0.1), (90.0, 0.1)):
+        sched.used = used
+        sched.step(0)  # the first of 10,000 steps: by steps alone the rate would not have moved
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3 * factor, 1e-4 * factor])
+    sched.used = 15.0
+    sched.step(0)
+    quarter = 0.1 + 0.9 * (0.5 * (1 + math.cos(math.pi / 4)) if kind == "cosine" else 0.75)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * quarter)
+    again = LRSchedule(t, _optimizer(), total_steps=10_000)
+    again.load_state_dict(sched.state_dict())
+    assert (again.seconds, again.used) == (60.0, 15.0)
+    stage = LRSchedule(t, _optimizer(), total_steps=50, warmup=10, start_step=100)
+    stage.step(100)
+    assert stage.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 / 10)  # the stage's first step
+    stage.step(109)
+    assert stage.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)  # warmed up, decay not begun
+    stage.step(150)
+    assert stage.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)  # its 50 steps: the floor
+
+
 def test_plateau_cuts_the_rates_after_patience_and_survives_a_checkpoint():
     t = load_config("tiny", ["train.lr_schedule=plateau"]).train  # x0.8 after 8 bad validations
     opt = _optimizer()
@@ -317,11 +346,40 @@ def test_results_png_draws_each_validation(tiny_data, tmp_path):
 
     train(cfg_for(tiny_data, tmp_path, "run.name=png", "train.epochs=2"), CPU)
     img = Image.open(tmp_path / "png" / "results.png")
-    assert img.format == "PNG" and img.size == (2 * PANEL_W, 2 * PANEL_H)
-    colours = {c for _, series, _ in PANELS for _, _, c in series}
+    assert img.format == "PNG" and img.size == (4 * PANEL_W, 2 * PANEL_H)  # against epochs, then minutes
+    colours = {c for _, series, _ in PANELS for key, _, c in series if key != "train_reward"}  # no scst here
     assert colours <= {c for _, c in img.getcolors(1 << 20)}  # every series drawn
     blank = draw_curves([{"epoch": 1, "train_loss": float("nan"), "val_bleu4": None}], tmp_path / "blank.png")
     assert not colours & {c for _, c in Image.open(blank).getcolors(1 << 20)}  # nothing to draw, no crash
+
+
+def test_results_png_marks_the_switch_to_scst_and_learning_rate_changes(tmp_path):
+    """The curves against epochs (top row) and minutes (bottom row): the sampled reward of
+    self-critical rows is drawn, their policy loss is not, and the switch (a dashed line) and each
+    change of the learning rate (a triangle) are marked in both rows."""
+    from PIL import Image
+
+    from capcli.training.curves import LR_COLOUR, PANEL_H, PANELS, SWITCH_COLOUR, draw_curves, lr_changes, switch_index
+
+    def row(epoch, objective, lr, **values):
+        return {"epoch": epoch, "elapsed_s": 120.0 * epoch, "objective": objective, "lr": lr, "val_cider": 0.4 + epoch / 10,
+                "val_bleu4": 0.15, "val_loss": 3.0, "val_top5": 0.6, "train_top5": 0.6, **values}
+
+    records = [row(1, "xe", 4e-4, train_loss=3.5), row(2, "xe", 2e-4, train_loss=3.2),
+               row(2.5, "scst", 1e-4, train_loss=-0.02, train_reward=0.3), row(3, "scst", 1e-4, train_loss=0.01, train_reward=0.35)]
+    assert switch_index(records) == 2 and lr_changes(records) == [1, 2]
+    img = Image.open(draw_curves(records, tmp_path / "r.png")).convert("RGB")
+    reward = next(c for key, _, c in PANELS[3][1] if key == "train_reward")
+    loss = PANELS[0][1][0][2]
+    for half in (img.crop((0, 0, img.width, PANEL_H)), img.crop((0, PANEL_H, img.width, 2 * PANEL_H))):
+        colours = {c for _, c in half.getcolors(1 << 20)}
+        assert {SWITCH_COLOUR, LR_COLOUR, reward, loss} <= colours
+    # the policy losses are left out: without them the picture is the same
+    bare = draw_curves([{k: v for k, v in r.items() if not (k == "train_loss" and r["objective"] == "scst")}
+                        for r in records], tmp_path / "bare.png")
+    assert Image.open(bare).convert("RGB").tobytes() == img.tobytes()
+    xe_only = draw_curves(records[:2], tmp_path / "xe.png")
+    assert SWITCH_COLOUR not in {c for _, c in Image.open(xe_only).convert("RGB").getcolors(1 << 20)}
 
 
 def test_tensorboard_missing_is_a_one_line_error_before_any_work(runner, tiny_data, tmp_path, monkeypatch):

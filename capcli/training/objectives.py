@@ -45,6 +45,9 @@ class XEObjective(nn.Module):
         return xe_loss(self.model, feats, batch["captions"], batch["lengths"], tf_ratio, self.alpha_c)
 
 
+END_TOKEN = "<end>"  # closes references and ended samples in the reward; no tokenised caption has it
+
+
 class SCSTObjective(nn.Module):
     """Self-critical sequence training (Rennie et al., CVPR 2017): sample ``samples`` captions per
     image from the model, reward each with its CIDEr-D against the image's references (document
@@ -55,7 +58,7 @@ class SCSTObjective(nn.Module):
     variant of self-critical sequence training"); ``greedy``, the reward of the model's greedy
     caption (Rennie et al.).
 
-    Captions are sampled without gradient, then scored with gradient by one teacher-forced pass
+    <unk> is never sampled (as no decode emits it). Captions are sampled without gradient, then scored with gradient by one teacher-forced pass
     of the decoder over the sampled words (the fast training path), with dropout off in both so
     that the probabilities differentiated are exactly those that drew the samples. Words after
     <end> carry no gradient; captions that never end are cut at ``max_length``.
@@ -70,23 +73,30 @@ class SCSTObjective(nn.Module):
         self.model = model
         self.samples, self.baseline, self.max_length = samples, baseline, max_length
         vocab = train_set.vocab
-        self.start, self.end, self.pad = vocab.start, vocab.end, vocab.pad
+        self.start, self.end, self.pad, self.unk = vocab.start, vocab.end, vocab.pad, vocab.unk
         refs = train_set.references()  # every raw reference of every training image
-        self.cider = CiderD.from_references(dict(enumerate(refs)))
+        # the end of a caption is part of the reward (as <end> is part of what the policy
+        # emits): references and ended samples close with END_TOKEN, whose n-grams reward ending
+        # where references end and nothing else ("... playing in a red" earns no "a red <end>")
+        self.cider = CiderD.from_references(dict(enumerate(refs)), end=END_TOKEN)
         # a word id -> its tokens as the COCO tokenisation of the decoded caption gives them
         self.word_tokens = [tokenize(w) for w in vocab.itos]
         banned = torch.zeros(len(vocab.itos), dtype=torch.bool)
-        banned[[self.pad, self.start]] = True  # never sampled (decode.sample)
+        # never sampled: <pad> and <start> (decode.sample) and <unk>, which no decode emits either
+        banned[[self.pad, self.start, self.unk]] = True
         self.register_buffer("banned", banned, persistent=False)
 
     def rewards(self, images: list[int], tokens: torch.Tensor) -> torch.Tensor:
         """CIDEr-D of each row of ``tokens`` (word ids, then <end>/<pad>) against the references
-        of training image ``images[row]``: float64 on the CPU."""
+        of training image ``images[row]``, the ends included (:data:`END_TOKEN`): float64 on the CPU."""
         out = []
         for img, row in zip(images, tokens.tolist()):
             words: list[str] = []
             for t in row:
-                if t == self.end or t == self.pad:
+                if t == self.end:
+                    words.append(END_TOKEN)
+                    break
+                if t == self.pad:
                     break
                 words.extend(self.word_tokens[t])
             out.append(self.cider.score(img, words))
@@ -101,12 +111,12 @@ class SCSTObjective(nn.Module):
         dropout_was = dec.dropout.training
         dec.dropout.eval()
         try:
-            s = sample(dec, feats.detach().float().repeat_interleave(k, 0), start=self.start, end=self.end,
-                       pad=self.pad, max_length=self.max_length)
+            s = sample(dec, feats.detach().float(), start=self.start, end=self.end, pad=self.pad,
+                       max_length=self.max_length, banned=(self.unk,), per_image=k)
             reward = self.rewards([i for i in images for _ in range(k)], s.tokens)
             if self.baseline == "greedy":
                 greedy = beam_search(dec, feats.detach().float(), start=self.start, end=self.end, pad=self.pad,
-                                     beam_size=1, max_length=self.max_length)
+                                     beam_size=1, max_length=self.max_length, banned=(self.unk,))
                 rows = torch.full((b, self.max_length + 1), self.pad, dtype=torch.long)
                 for i, t in enumerate(greedy.tokens):
                     rows[i, :len(t)] = torch.tensor(t, dtype=torch.long)
@@ -140,15 +150,15 @@ class SCSTObjective(nn.Module):
         return {"loss": loss / n, "reward": reward / n, "baseline": baseline / n, "ended": ended / n}
 
 
-def build_objective(cfg, model: nn.Module, train_set=None, max_length: int = 16) -> nn.Module:
-    """The objective ``cfg.train.objective`` names, around ``model``."""
-    t = cfg.train
-    if t.objective == "xe":
+def build_objective(t, name: str, model: nn.Module, train_set=None, max_length: int = 16) -> nn.Module:
+    """The objective ``name`` (xe | scst) around ``model``, set up by the train config ``t``;
+    ``max_length``: the longest caption scst samples."""
+    if name == "xe":
         return XEObjective(model, t.alpha_c)
-    if t.objective == "scst":
+    if name == "scst":
         return SCSTObjective(model, train_set, samples=t.scst_samples, baseline=t.scst_baseline,
                              max_length=max_length)
-    raise ValueError(f"unknown objective {t.objective!r}")  # config validation lists them
+    raise ValueError(f"unknown objective {name!r}")  # config validation lists them
 
 
 def make_adam(groups: list[dict], weight_decay: float = 0.0) -> torch.optim.Adam:

@@ -17,7 +17,16 @@ Learning rates (``train.lr_schedule``), each parameter group keeping its own ini
 - ``plateau``: x ``lr_factor`` (0.8) each time ``lr_patience`` (8) validations in a row brought no
   better ``best_metric`` (the rule of the paper's code);
 - ``cosine``: from the initial rate down to ``min_lr_ratio`` of it over the run;
+- ``linear``: the same, along a straight line;
 - every schedule starts with a linear warm-up over ``warmup_steps`` steps (0 = none).
+
+"Over the run" is over its steps, or, with a time budget (``train.max_minutes``), over the time
+the run has if that ends first: the trainer tells the schedule the seconds it spans and how many
+have passed (:meth:`LRSchedule.tick`), so that the rate reaches its floor as the budget ends, not
+at an epoch the budget never reaches. A run in stages (``train.scst_after``) gives each stage its
+own schedule over its own steps and seconds. Time-based progress depends on the machine's speed,
+so a run resumed under a budget continues its schedule from the seconds it had used, not bit for
+bit.
 """
 
 from __future__ import annotations
@@ -67,12 +76,16 @@ class LRSchedule:
     same schedule.
     """
 
-    def __init__(self, t: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    def __init__(self, t: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int, *,
+                 warmup: int | None = None, start_step: int = 0, seconds: float = 0.0):
         self.kind = t.lr_schedule
-        self.warmup = t.warmup_steps
+        self.warmup = t.warmup_steps if warmup is None else warmup
         self.min_ratio = t.min_lr_ratio
         self.factor, self.patience = t.lr_factor, t.lr_patience
-        self.total_steps = max(total_steps, 1)
+        self.start = start_step  # the run's step at which this schedule begins (a stage's first)
+        self.total_steps = max(total_steps, 1)  # the steps it spans
+        self.seconds = seconds  # the wall-clock seconds it spans (0 = by steps alone)
+        self.used = 0.0  # seconds passed since it began (:meth:`tick`)
         self.optimizer = optimizer
         self.scale = 1.0  # plateau: product of the cuts so far
         self.bad = 0  # plateau: validations since the last improvement
@@ -83,14 +96,26 @@ class LRSchedule:
         """A group joining mid-run (the encoder, after ``finetune_after``)."""
         group.setdefault("initial_lr", group["lr"])
 
+    def tick(self, seconds: float) -> None:
+        """``seconds`` more of this schedule's time have passed."""
+        self.used += seconds
+
+    def progress(self, step: int) -> float:
+        """How far the decay is, in [0, 1]: by steps after the warm-up, or by time when that is further."""
+        done = min(1.0, max(0, step - self.start - self.warmup) / max(self.total_steps - self.warmup, 1))
+        if self.seconds > 0:
+            done = max(done, min(1.0, self.used / self.seconds))
+        return done
+
     def factor_at(self, step: int) -> float:
         f = self.scale
-        if self.warmup and step < self.warmup:
-            f *= (step + 1) / self.warmup
-        if self.kind == "cosine":
-            span = max(self.total_steps - self.warmup, 1)
-            progress = min(1.0, max(0, step - self.warmup) / span)
-            f *= self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        local = step - self.start
+        if self.warmup and local < self.warmup:
+            f *= (local + 1) / self.warmup
+        if self.kind in ("cosine", "linear"):
+            p = self.progress(step)
+            shape = 0.5 * (1 + math.cos(math.pi * p)) if self.kind == "cosine" else 1.0 - p
+            f *= self.min_ratio + (1 - self.min_ratio) * shape
         return f
 
     def step(self, step: int) -> None:
@@ -110,7 +135,12 @@ class LRSchedule:
         return False
 
     def state_dict(self) -> dict:
-        return {"scale": self.scale, "bad": self.bad}
+        return {"scale": self.scale, "bad": self.bad, "start": self.start, "total_steps": self.total_steps,
+                "warmup": self.warmup, "seconds": self.seconds, "used": self.used}
 
     def load_state_dict(self, state: dict) -> None:
         self.scale, self.bad = float(state["scale"]), int(state["bad"])
+        self.start = int(state.get("start", self.start))
+        self.total_steps = int(state.get("total_steps", self.total_steps))
+        self.warmup = int(state.get("warmup", self.warmup))
+        self.seconds, self.used = float(state.get("seconds", self.seconds)), float(state.get("used", 0.0))

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader
 
-from capcli.config import Config, best_metric, config_from_dict, parse_val_every
+from capcli.config import Config, best_metric, config_from_dict, parse_scst_after, parse_val_every
 from capcli.data.dataset import CaptionDataset, collate, trim_padding
 from capcli.data.features import CachedFeatureDataset, build_cache, cache_dir, cache_file, collate_cached
 from capcli.data.sampler import EpochSampler
@@ -132,8 +133,17 @@ class Trainer:
         self.model.to(self.device)
         if self.ckpt is None:  # a new run: its grid must fit the feature map (a resumed one did)
             self.model.encoder.check_grid(self.train_set.image_size)
-        self.objective = build_objective(cfg, self.model, self.train_set, self.max_length)
+        # train.scst_after: cross-entropy first, then self-critical; a checkpoint knows which stage it is in
+        self.scst_after = parse_scst_after(cfg.train.scst_after)
+        self.stage = self.ckpt.get("stage", cfg.train.objective) if self.ckpt else cfg.train.objective
+        self.plateaued = bool(self.ckpt.get("plateaued", False)) if self.ckpt else False  # scst_after=auto
+        self.objective = self._build_objective()
         self.amp_dtype = autocast_dtype(cfg.train.amp, self.device)
+
+    def _build_objective(self):
+        t = self.cfg.train
+        return build_objective(t, self.stage, self.model, self.train_set,
+                               max_length=min(self.max_length, t.scst_max_length or self.max_length)).to(self.device)
 
     # what a model's weights depend on: taken from an init_from checkpoint, so that they fit
     ARCH_KEYS = ("encoder", "grid", "feature_norm", "image_size", "emb_dim", "att_dim", "dec_dim")
@@ -153,10 +163,40 @@ class Trainer:
         return ck
 
     def _setup_optimizer(self) -> None:
+        """Adam over what trains, and the learning-rate schedule of the current stage: the whole run,
+        or with ``train.scst_after`` the cross-entropy steps, then a fresh Adam at ``scst_lr``,
+        warmed up over ``scst_warmup_steps`` and held there, for the self-critical ones."""
         t = self.cfg.train
-        self.optimizer = make_adam(self.model.trainable_groups(t.lr, t.encoder_lr), t.weight_decay)
+        second = self.stage == "scst" and self.scst_after[0] != "never"
+        lr = t.scst_lr if second else t.lr
+        self.optimizer = make_adam(self.model.trainable_groups(lr, t.encoder_lr * lr / t.lr), t.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.schedule = LRSchedule(t, self.optimizer, self.total_steps)
+        if second:
+            # the self-critical stage holds scst_lr after its warm-up: a policy gradient this short
+            # gains late (docs/performance.md, "Self-critical training on a CPU budget"), and a
+            # decay over it took away what it would have gained
+            self.schedule = LRSchedule(replace(t, lr_schedule="none"), self.optimizer, self.total_steps - self.step,
+                                       warmup=t.scst_warmup_steps, start_step=self.step)
+        else:
+            kind, after = self.scst_after
+            steps = int(after) * self.steps_per_epoch if kind == "epochs" else self.total_steps
+            self.schedule = LRSchedule(t, self.optimizer, steps)
+
+    def _plan_seconds(self) -> None:
+        """With a time budget, the seconds the current stage's schedule spans from now: to the switch
+        to self-critical training (at its share of the budget), else to the end of the budget less
+        the final validation and checkpoint."""
+        if not self.budget.limited:
+            return
+        kind, after = self.scst_after
+        if self.stage == "xe" and kind in ("share", "auto"):
+            end = self.budget.seconds * (after if kind == "share" else self.cfg.train.scst_auto_share)
+        elif self.stage == "xe" and kind == "epochs":
+            end = self.budget.seconds  # the epochs decide; the budget only when it ends first
+        else:
+            end = self.budget.seconds - self.budget.val_seconds - 2 * self.budget.save_seconds
+        self.schedule.seconds = max(end - self.budget.elapsed(), 1.0)
+        self.schedule.used = 0.0
 
     def _restore_counters(self) -> None:
         """Fresh counters, or where the checkpoint stopped."""
@@ -266,16 +306,65 @@ class Trainer:
         cfg = self.cfg
         self.val_n, self.val_unit = parse_val_every(cfg.train.val_every)
         self.budget.val_seconds = self._probe_validation() if self.budget.limited else 0.0
+        if self.ckpt is None:  # a resumed run continues the seconds its schedule had planned
+            self._plan_seconds()
         self.emit("start", run_dir=str(self.run_dir), epochs=cfg.train.epochs, start_epoch=self.epoch,
                   steps_per_epoch=self.steps_per_epoch, device=str(self.device), world=self.d.world,
                   train_images=len(self.train_set), val_images=len(self.val_set),
                   workers=self.num_workers, cached=self.use_cache)
+        self.wall_last = self.budget.clock()  # the learning-rate schedule's clock (:meth:`LRSchedule.tick`)
         with self.signals:
             while self.epoch < cfg.train.epochs and self.stop_reason == "epochs":
                 if self.frozen_stage and cfg.model.finetune and not self._frozen_at(self.epoch):
                     self._unfreeze()
+                if self._scst_due():
+                    self._switch_to_scst()
                 self.train_epoch()
         return self._finish()
+
+    def _scst_due(self) -> bool:
+        """Whether the cross-entropy stage ends now (``train.scst_after``); rank 0 decides for all."""
+        if self.stage != "xe":
+            return False
+        kind, after = self.scst_after
+        if kind == "never":
+            return False
+        if kind == "epochs":
+            return self.epoch >= after  # the same on every rank
+        share = after if kind == "share" else self.cfg.train.scst_auto_share
+        due = self.budget.limited and self.budget.elapsed() >= share * self.budget.seconds
+        due = due or (kind == "auto" and self.plateaued)
+        if self.d.world > 1:
+            due = bool(broadcast_from_main([float(due)], self.d, self.device)[0])
+        return due
+
+    def _switch_to_scst(self, ratio: float = 1.0) -> None:
+        """Cross-entropy -> self-critical training, inside the run: the cross-entropy weights are
+        validated and saved (unless they just were); the best of them start the new stage (the
+        last ones unless a validation since the best was worse); a fresh Adam at ``scst_lr`` with
+        its own warm-up and schedule; the policy-gradient objective."""
+        t = self.cfg.train
+        if self.step > self.validated_step:
+            self._end_of_stretch(ratio, validate=True)
+        best = self.run_dir / "checkpoints" / "best.pt"
+        barrier(self.d)
+        if self.bad_validations and best.is_file():
+            self.model.load_state_dict(checkpoint.load(best, map_location="cpu")["model"])
+        kept = "best" if self.bad_validations and best.is_file() else "last"
+        self.stage = "scst"
+        self.objective = self._build_objective()
+        self._setup_optimizer()
+        self._plan_seconds()
+        self._wrap()
+        self.epoch_sums = torch.zeros(len(self.objective.sum_names), dtype=torch.float64, device=self.device)
+        self.epoch_samples, self.epoch_seconds = 0, 0.0
+        self.bad_validations, self.plateaued = 0, False
+        self.model.train()
+        when = f"{self.budget.elapsed() / 60:.1f} min" if self.budget.limited else f"epoch {self.epoch + 1}"
+        self.emit("stage", epoch=self.epoch, message=(
+            f"{when} (step {self.step}): self-critical training from the {kept} cross-entropy weights, "
+            f"lr {t.scst_lr:g} (warm-up {t.scst_warmup_steps} steps), {t.scst_samples} samples per image, "
+            f"reward CIDEr-D"))
 
     def _finish(self) -> dict:
         if self.log is not None:
@@ -310,6 +399,10 @@ class Trainer:
                 if self.step > self.validated_step:  # else the weights were validated and saved already
                     self._end_of_stretch(ratio, validate=True)
                 return
+            if self.scst_after[0] in ("share", "auto") and (self.d.world == 1 or self.batch_in_epoch % cfg.train.log_every == 0) \
+                    and self._scst_due():
+                self._switch_to_scst(ratio)
+                t_last = clock()
             ratio = tf_ratio(cfg.train, self.step, self.total_steps)
             self.schedule.step(self.step)
             out = self._guarded_step(batch, ratio)
@@ -325,6 +418,8 @@ class Trainer:
             self.step += 1
             self.batch_in_epoch += 1
             now = clock()
+            self.schedule.tick(now - self.wall_last)  # wall time, validations included: what a budget counts
+            self.wall_last = now
             self.budget.step_seconds = now - t_last  # the last step: what one more would take
             self.epoch_seconds += now - t_last
             t_last = now
@@ -414,6 +509,7 @@ class Trainer:
         samples = all_reduce_sum([float(self.epoch_samples)], d, self.device)[0]
         fraction = self.batch_in_epoch / self.steps_per_epoch
         record = {"epoch": self.epoch if epoch_done else round(self.epoch + fraction, 4), "step": self.step,
+                  "objective": self.stage,
                   **{f"train_{k}": v for k, v in self.objective.summary(sums).items()},
                   "tf_ratio": ratio, "samples_per_s": samples / max(self.epoch_seconds, 1e-9),
                   "lr": self.optimizer.param_groups[0]["lr"],
@@ -427,6 +523,8 @@ class Trainer:
             record.update({f"val_{k}": scores[k] for k in ("loss", "top5", *VAL_KEYS)})
             record.update({"val_beam": cfg.train.val_beam, "val_samples": [c["caption"] for c in scores["captions"][:3]]})
             improved = scores[self.metric] > self.best
+            if not improved and self.stage == "xe" and self.scst_after[0] == "auto":
+                self.plateaued = True
             if improved:
                 self.best, self.best_epoch = scores[self.metric], record["epoch"]
         if validate:
@@ -449,7 +547,9 @@ class Trainer:
             self.budget.save_seconds = max(self.budget.save_seconds, self.budget.clock() - t0)
         self.history.append(record)
         self.emit("epoch_end", record=record)
-        if validate and cfg.train.patience and self.bad_validations >= cfg.train.patience:
+        # early stopping ends the last stage only: before scst_after's switch a plateau switches
+        if validate and cfg.train.patience and self.bad_validations >= cfg.train.patience and not (
+                self.stage == "xe" and self.scst_after[0] != "never"):
             self.stop_reason = "early_stopping"
 
     # ------------------------------------------------------------------------------------ validation
@@ -498,6 +598,8 @@ class Trainer:
             "epoch": self.epoch,  # completed epochs
             "batch_in_epoch": self.batch_in_epoch,  # steps of the current epoch already done
             "frozen_stage": self.frozen_stage,  # encoder still frozen (train.finetune_after)
+            "stage": self.stage,  # xe or scst (train.scst_after switches)
+            "plateaued": self.plateaued,  # scst_after=auto: switch at the next step
             "epoch_sums": self.epoch_sums.tolist(),
             "epoch_samples": self.epoch_samples,
             "epoch_seconds": self.epoch_seconds,
