@@ -60,11 +60,14 @@ def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_run(tiny_data, tmp_
     """Killed with SIGKILL at several moments (start-up, mid-epoch, validation, checkpoint
     writes), resumed each time: the weights and the metrics equal an uninterrupted run's."""
     extra = ["train.epochs=3", "train.batch_size=10"]  # 24 steps an epoch
+    t0 = time.perf_counter()
     subprocess.run(train_cmd(tiny_data, tmp_path, "full", *extra), env=ENV, check=True, capture_output=True,
                    timeout=300)
+    whole = time.perf_counter() - t0  # about 10 s on a quiet 2-core machine; the kills scale with it
     run = tmp_path / "part"
     kills = 0
-    for delay in (3.0, 4.5, 6.0, 7.5, 9.0):  # seconds after start: import, cache, epochs, validation, saves
+    for share in (0.3, 0.45, 0.6, 0.75, 0.9):  # of the whole run: import, cache, epochs, validation, saves
+        delay = share * whole
         resume = (run / "checkpoints" / "last.pt").is_file()
         cmd = [sys.executable, "-m", "capcli", "train", "--resume", str(run), "--device", "cpu", "-q"] if resume \
             else train_cmd(tiny_data, tmp_path, "part", *extra)
