@@ -77,8 +77,8 @@ class LRSchedule:
     """
 
     def __init__(self, t: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int, *,
-                 warmup: int | None = None, start_step: int = 0, seconds: float = 0.0):
-        self.kind = t.lr_schedule
+                 kind: str | None = None, warmup: int | None = None, start_step: int = 0, seconds: float = 0.0):
+        self.kind = t.lr_schedule if kind is None else kind
         self.warmup = t.warmup_steps if warmup is None else warmup
         self.min_ratio = t.min_lr_ratio
         self.factor, self.patience = t.lr_factor, t.lr_patience

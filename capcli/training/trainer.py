@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -175,7 +174,7 @@ class Trainer:
             # the self-critical stage holds scst_lr after its warm-up: a policy gradient this short
             # gains late (docs/performance.md, "Self-critical training on a CPU budget"), and a
             # decay over it took away what it would have gained
-            self.schedule = LRSchedule(replace(t, lr_schedule="none"), self.optimizer, self.total_steps - self.step,
+            self.schedule = LRSchedule(t, self.optimizer, self.total_steps - self.step, kind="none",
                                        warmup=t.scst_warmup_steps, start_step=self.step)
         else:
             kind, after = self.scst_after
@@ -348,9 +347,9 @@ class Trainer:
             self._end_of_stretch(ratio, validate=True)
         best = self.run_dir / "checkpoints" / "best.pt"
         barrier(self.d)
-        if self.bad_validations and best.is_file():
-            self.model.load_state_dict(checkpoint.load(best, map_location="cpu")["model"])
         kept = "best" if self.bad_validations and best.is_file() else "last"
+        if kept == "best":
+            self.model.load_state_dict(checkpoint.load(best, map_location="cpu")["model"])
         self.stage = "scst"
         self.objective = self._build_objective()
         self._setup_optimizer()
