@@ -94,6 +94,9 @@ class Captioner:
     max_length: int = 50
     source: str = ""
     data: dict = field(default_factory=dict)  # the training data facts the model carries (image size, dir, ...)
+    training_data: dict | None = None  # the training set's manifest facts, where known (see describe)
+    scores: list = field(default_factory=list)  # its `capcli evaluate` scores, where recorded
+    capcli_version: str = "?"
 
     @classmethod
     def load(cls, source: str | Path, device: str | torch.device = "auto", amp: str | None = None) -> "Captioner":
@@ -108,7 +111,27 @@ class Captioner:
         data = state["data"]
         size = int(data.get("image_size") or cfg.model.image_size or 224)
         return cls(model, vocab, cfg, size, data.get("resize", "squash"), device, amp_dtype,
-                   int(data.get("max_length") or 50), str(source), dict(data))
+                   int(data.get("max_length") or 50), str(source), dict(data), state.get("training_data"),
+                   list(state.get("scores") or []), str(state.get("capcli_version", "?")))
+
+    def describe(self) -> dict:
+        """What this model is, as a model card says it: ``source``, ``encoder`` (its timm name,
+        ``pretrained``, ``frozen``, ``grid``), ``image_size``, ``resize``, ``vocab_size``,
+        ``max_length``, ``decoder`` sizes, ``parameters``, ``data_dir``, ``training_data`` (the
+        manifest's facts: source, splits, ...; None where it was not available) and ``scores``
+        (one dict per ``capcli evaluate`` of the run: split, beam_size, bleu1..4, cider, ...)."""
+        m = self.config.model
+        total = sum(p.numel() for p in self.model.parameters())
+        encoder = sum(p.numel() for p in self.model.encoder.parameters())
+        return {"source": self.source, "capcli_version": self.capcli_version,
+                "encoder": {"name": m.encoder, "pretrained": m.pretrained not in (False, None, "false"),
+                            "frozen": not m.finetune, "grid": m.grid},
+                "image_size": self.image_size, "resize": self.resize, "vocab_size": len(self.vocab),
+                "max_length": self.max_length,
+                "decoder": {"emb_dim": m.emb_dim, "att_dim": m.att_dim, "dec_dim": m.dec_dim},
+                "parameters": {"total": total, "encoder": encoder, "decoder": total - encoder},
+                "data_dir": self.data.get("dir") or (self.training_data or {}).get("dir"),
+                "training_data": self.training_data, "scores": list(self.scores)}
 
     def decode_options(self, *, beam: int = 3, max_length: int | None = None, block_ngrams: int | None = None,
                        sample: dict | None = None, seed: int | None = None, allow_unk: bool = False,

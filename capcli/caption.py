@@ -215,6 +215,21 @@ def _heat_colors(weights: np.ndarray) -> np.ndarray:
     return rgb.astype(np.uint8)
 
 
+def attention_overlay(base: Image.Image, weights: np.ndarray) -> Image.Image:
+    """``base`` (an RGB image) with one word's attention over it as a heat map: ``weights`` is a
+    square grid (g, g) or its flattened (g * g,) form, stretched to min-max and upsampled
+    bilinearly. A grid that is not square (token models) gives ``base`` unchanged."""
+    a = np.asarray(weights, dtype=np.float64)
+    g = int(round(a.size ** 0.5))
+    if g * g != a.size:
+        return base.copy()
+    grid = a.reshape(g, g)
+    grid = (grid - grid.min()) / (grid.max() - grid.min() + 1e-8)
+    heat = Image.fromarray((grid * 255).astype(np.uint8)).resize(base.size, Image.BILINEAR)
+    colors = Image.fromarray(_heat_colors(np.asarray(heat) / 255.0))
+    return Image.blend(base.convert("RGB"), colors, 0.55)
+
+
 def attention_figure(image: np.ndarray, words: list[str], alphas: np.ndarray, tile: int = 160) -> Image.Image:
     """The image, then one tile per word with its attention over the image, labelled.
 
@@ -222,20 +237,10 @@ def attention_figure(image: np.ndarray, words: list[str], alphas: np.ndarray, ti
         image: uint8 (3, S, S); words: the caption's words; alphas: (T, P) with P a square grid.
     """
     base = Image.fromarray(image.transpose(1, 2, 0)).resize((tile, tile), Image.BICUBIC)
-    p = alphas.shape[-1]
-    g = int(round(p ** 0.5))
     tiles = [("<image>", base)]
     steps = list(words) + ["<end>"]
     for t, word in enumerate(steps[: alphas.shape[0]]):
-        a = alphas[t]
-        if g * g == p:
-            grid = a.reshape(g, g)
-            grid = (grid - grid.min()) / (grid.max() - grid.min() + 1e-8)
-            heat = Image.fromarray((grid * 255).astype(np.uint8)).resize((tile, tile), Image.BILINEAR)
-            colors = Image.fromarray(_heat_colors(np.asarray(heat) / 255.0))
-            tiles.append((word, Image.blend(base, colors, 0.55)))
-        else:  # not a square grid (token models): the image alone
-            tiles.append((word, base))
+        tiles.append((word, attention_overlay(base, alphas[t])))
     cols = min(6, len(tiles))
     rows = (len(tiles) + cols - 1) // cols
     label_h = 18

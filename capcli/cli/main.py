@@ -8,7 +8,7 @@ import typer
 
 from capcli.version import __version__
 from capcli.allocator import keep_freed_memory
-from capcli.cli import benchmark, caption, evaluate, export, prepare, quickstart, train
+from capcli.cli import benchmark, caption, demo, evaluate, export, prepare, quickstart, train
 
 app = typer.Typer(
     name="capcli",
@@ -25,6 +25,7 @@ app.command("evaluate")(evaluate.evaluate)
 app.command("caption")(caption.caption)
 app.command("export")(export.export)
 app.command("push")(export.push)
+app.command("demo")(demo.demo)
 app.add_typer(benchmark.app, name="benchmark")
 app.command("quickstart")(quickstart.quickstart)
 

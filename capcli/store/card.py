@@ -1,7 +1,8 @@
 """The model card: the README.md of a model folder, which the Hugging Face Hub shows as the
 model's page. YAML front matter for the Hub, then the model, its training data (from the dataset
 dir's manifest.json when it still exists), its training config, its scores (the run's
-eval-*/eval.json) and how to use it."""
+eval-*/eval.json) and how to use it. :func:`eval_scores` and :func:`training_data` read those
+facts; model folders keep them in config.json, so a folder or a Hub model still has them."""
 
 from __future__ import annotations
 
@@ -21,62 +22,91 @@ def _md_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def _eval_rows(run_dir: Path | None) -> list[list]:
-    """One row per eval-*/eval.json of the run: BLEU, METEOR, ROUGE-L x100, CIDEr-D as is."""
+# the fields of an eval.json that say what was scored and how well (the model's facts)
+SCORE_FIELDS = ("split", "beam_size", "images", "bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider",
+                "sacrebleu", "top5", "loss", "block_ngrams", "allow_unk")
+
+
+def eval_scores(run_dir: Path | None) -> list[dict]:
+    """The scores of each eval-*/eval.json of a run (:data:`SCORE_FIELDS`), oldest name first;
+    unreadable files are skipped."""
     if run_dir is None:
         return []
-    rows = []
-    for path in sorted(run_dir.glob("eval-*/eval.json")):
+    out = []
+    for path in sorted(Path(run_dir).glob("eval-*/eval.json")):
         try:
             scores = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             continue
         if not isinstance(scores, dict):
             continue
+        row = {k: scores[k] for k in SCORE_FIELDS if k in scores}
+        row.setdefault("split", path.parent.name[len("eval-"):])
+        out.append(row)
+    return out
 
-        def pct(key, scores=scores):
-            v = scores.get(key)
+
+def score_rows(scores: list[dict]) -> list[list]:
+    """Table rows of :func:`eval_scores`: BLEU, METEOR, ROUGE-L x100, CIDEr-D as is."""
+    rows = []
+    for s in scores:
+        def pct(key, s=s):
+            v = s.get(key)
             return f"{100 * v:.2f}" if isinstance(v, (int, float)) else "-"
 
-        cider = scores.get("cider")
-        rows.append([scores.get("split") or path.parent.name[len("eval-"):], scores.get("beam_size"),
-                     scores.get("images"), pct("bleu1"), pct("bleu2"), pct("bleu3"), pct("bleu4"), pct("meteor"),
-                     pct("rouge_l"), f"{cider:.3f}" if isinstance(cider, (int, float)) else "-"])
+        cider = s.get("cider")
+        rows.append([s.get("split"), s.get("beam_size"), s.get("images"), pct("bleu1"), pct("bleu2"), pct("bleu3"),
+                     pct("bleu4"), pct("meteor"), pct("rouge_l"),
+                     f"{cider:.3f}" if isinstance(cider, (int, float)) else "-"])
     return rows
 
 
-def _data_section(data_dir: str | None) -> list[str]:
-    lines = [f"Dataset dir at training time: `{data_dir}`." if data_dir else "The dataset dir is not recorded."]
-    manifest = None
-    if data_dir and (Path(data_dir) / "manifest.json").is_file():
-        try:
-            manifest = json.loads((Path(data_dir) / "manifest.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            manifest = None
+SCORE_HEADER = ["split", "beam", "images", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D"]
+
+
+def training_data(data_dir: str | None) -> dict | None:
+    """The facts of a dataset dir's manifest.json (source, image size, vocabulary, splits), or None
+    where the manifest is not there (any more) or unreadable."""
+    if not data_dir or not (Path(data_dir) / "manifest.json").is_file():
+        return None
+    try:
+        manifest = json.loads((Path(data_dir) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
     if not isinstance(manifest, dict):
+        return None
+    vocab = manifest.get("vocab") if isinstance(manifest.get("vocab"), dict) else {}
+    splits = manifest.get("splits") if isinstance(manifest.get("splits"), dict) else {}
+    facts = {"dir": str(data_dir), "source": manifest.get("source"), "image_size": manifest.get("image_size"),
+             "resize": manifest.get("resize"), "captions_per_image": manifest.get("captions_per_image"),
+             "vocab_size": vocab.get("size"), "max_length": vocab.get("max_length"),
+             "prepared_by": manifest.get("capcli_version"),
+             "splits": {name: {"images": s.get("images"), "captions": s.get("captions")}
+                        for name, s in splits.items() if isinstance(s, dict)}}
+    return {k: v for k, v in facts.items() if v is not None}
+
+
+def _data_section(data_dir: str | None, facts: dict | None) -> list[str]:
+    lines = [f"Dataset dir at training time: `{data_dir}`." if data_dir else "The dataset dir is not recorded."]
+    if not facts:
         lines.append("")
         lines.append("Its manifest was not available when this model was exported, so its facts are not recorded here.")
         return lines
-    vocab = manifest.get("vocab") or {}
-    facts = [("source", manifest.get("source")), ("image size", manifest.get("image_size")),
-             ("resize", manifest.get("resize")), ("captions per image", manifest.get("captions_per_image")),
-             ("vocabulary size", vocab.get("size") if isinstance(vocab, dict) else None),
-             ("longest caption kept (words)", vocab.get("max_length") if isinstance(vocab, dict) else None),
-             ("prepared by capcli", manifest.get("capcli_version"))]
-    lines += ["", _md_table(["fact", "value"], [[k, v] for k, v in facts if v is not None])]
-    splits = manifest.get("splits") or {}
-    if isinstance(splits, dict) and splits:
+    named = [("source", "source"), ("image size", "image_size"), ("resize", "resize"),
+             ("captions per image", "captions_per_image"), ("vocabulary size", "vocab_size"),
+             ("longest caption kept (words)", "max_length"), ("prepared by capcli", "prepared_by")]
+    lines += ["", _md_table(["fact", "value"], [[label, facts[key]] for label, key in named if key in facts])]
+    if facts.get("splits"):
         lines += ["", _md_table(["split", "images", "captions"],
-                                [[name, s.get("images"), s.get("captions")] for name, s in splits.items()
-                                 if isinstance(s, dict)])]
+                                [[name, s.get("images"), s.get("captions")] for name, s in facts["splits"].items()])]
     return lines
 
 
-def model_card(meta: dict, vocab: list[str], files: dict[str, str], run_dir: Path | None = None,
-               repo_id: str | None = None) -> str:
+def model_card(meta: dict, vocab: list[str], files: dict[str, str], repo_id: str | None = None) -> str:
     """The README.md of a model folder whose ``config.json`` is ``meta`` (see
-    :func:`capcli.store.folder.model_folder_config`); ``files`` names the folder's files, each
-    with a line on what it holds."""
+    :func:`capcli.store.folder.model_folder_config`: its ``training_data`` and ``scores`` are the
+    card's data and evaluation sections); ``files`` names the folder's files, each with a line on
+    what it holds."""
     import yaml
 
     model, prep, cfg = meta["model"], meta["preprocessing"], meta["config"]
@@ -109,19 +139,19 @@ def model_card(meta: dict, vocab: list[str], files: dict[str, str], run_dir: Pat
                           f"normalised with mean {prep.get('mean')} and std {prep.get('std')}")],
                ["longest caption", f"{meta['decoding'].get('max_length')} words"]]),
            "", "## Training data", ""]
-    out += _data_section((cfg.get("data") or {}).get("dir") or (meta.get("data") or {}).get("dir"))
+    data_dir = (cfg.get("data") or {}).get("dir") or (meta.get("data") or {}).get("dir")
+    out += _data_section(data_dir, meta.get("training_data"))
     out += ["", "## Training", "",
             (f"Objective `{train_cfg.get('objective', 'xe')}`, {train_cfg.get('epochs', '?')} "
              f"epoch{'' if train_cfg.get('epochs') == 1 else 's'}, "
              f"batch {train_cfg.get('batch_size', '?')} caption-image pairs, learning rate {train_cfg.get('lr', '?')} "
              f"(encoder {train_cfg.get('encoder_lr', '?')}). The full resolved config:"), "",
             "```yaml", yaml.safe_dump(cfg, sort_keys=False).strip(), "```", "", "## Evaluation", ""]
-    rows = _eval_rows(run_dir)
+    rows = score_rows(meta.get("scores") or [])
     if rows:
         out += [("Free-running beam search (no teacher forcing), scored with `capcli evaluate` against every "
                  "reference caption. BLEU, METEOR and ROUGE-L x100; CIDEr-D on its usual scale."), "",
-                _md_table(["split", "beam", "images", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L",
-                           "CIDEr-D"], rows)]
+                _md_table(SCORE_HEADER, rows)]
     else:
         out += [("No evaluation was recorded with the run this model was exported from; score it with "
                  f"`capcli evaluate {where} --data DATASET_DIR --split test`.")]

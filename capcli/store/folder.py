@@ -24,7 +24,11 @@ A model folder holds exactly::
 - ``data``: the training data facts the model carries (``image_size``, ``resize``,
   ``max_length``, ``dir``), as in a checkpoint;
 - ``model``: a summary for people and tools: encoder name, decoder sizes, vocabulary size,
-  parameter counts.
+  parameter counts;
+- ``training_data``: the facts of the training set's manifest (source, image size, vocabulary,
+  splits), or null where it was not available at export;
+- ``scores``: one object per ``capcli evaluate`` of the run (split, beam_size, images, bleu1..4,
+  meteor, rouge_l, cider, ...), empty where none was recorded.
 
 :func:`read_model` reads any MODEL source (run dir, checkpoint file, model folder,
 ``hf-hub:user/name[@revision]``) into one plain dict.
@@ -42,7 +46,7 @@ import torch
 
 from capcli.errors import UserError
 from capcli.store import checkpoint, hub
-from capcli.store.card import model_card
+from capcli.store.card import eval_scores, model_card, training_data
 from capcli.store.files import atomic_path, write_json, write_text
 from capcli.text import BLOCK_NGRAMS, DANGLING_EN
 from capcli.version import __version__
@@ -67,7 +71,9 @@ DEFAULT_DECODING = {"beam_size": 3, "block_ngrams": BLOCK_NGRAMS, "allow_unk": F
 def read_model(source: str | Path) -> dict:
     """A trained captioner from any MODEL source, as a plain dict: ``model`` (state dict),
     ``config`` (the resolved config), ``vocab`` (index -> token), ``data`` (image size and resize
-    policy the model was trained with), ``capcli_version`` and ``source``.
+    policy the model was trained with), ``capcli_version``, ``source``, and the model's facts:
+    ``training_data`` (:func:`capcli.store.card.training_data`, or None) and ``scores`` (its
+    evaluations, :func:`capcli.store.card.eval_scores`).
 
     Sources: a run dir (its checkpoints/best.pt, else last.pt), a checkpoint file, a model folder
     written by :func:`export_model` (or its ``model.safetensors``), or ``hf-hub:user/name`` /
@@ -87,9 +93,11 @@ def read_model(source: str | Path) -> dict:
         state["source"] = text
         return state
     ckpt = checkpoint.load(path)
-    return {"model": ckpt["model"], "config": ckpt["config"], "vocab": list(ckpt["vocab"]),
-            "data": dict(ckpt.get("data") or {}), "capcli_version": ckpt.get("capcli_version", "?"),
-            "source": text}
+    data = dict(ckpt.get("data") or {})
+    data_dir = (ckpt["config"].get("data") or {}).get("dir") if isinstance(ckpt["config"], dict) else None
+    return {"model": ckpt["model"], "config": ckpt["config"], "vocab": list(ckpt["vocab"]), "data": data,
+            "capcli_version": ckpt.get("capcli_version", "?"), "source": text,
+            "training_data": training_data(data_dir or data.get("dir")), "scores": eval_scores(run_dir_of(path))}
 
 
 def is_model_folder(path: str | Path) -> bool:
@@ -153,8 +161,11 @@ def read_folder(folder: str | Path) -> dict:
             data[key] = prep[key]
     if data.get("max_length") is None and (meta.get("decoding") or {}).get("max_length"):
         data["max_length"] = meta["decoding"]["max_length"]
+    scores = meta.get("scores")
     return {"model": weights, "config": meta["config"], "vocab": vocab, "data": data,
-            "capcli_version": meta.get("capcli_version", "?"), "source": str(folder)}
+            "capcli_version": meta.get("capcli_version", "?"), "source": str(folder),
+            "training_data": meta.get("training_data") if isinstance(meta.get("training_data"), dict) else None,
+            "scores": [s for s in scores if isinstance(s, dict)] if isinstance(scores, list) else []}
 
 
 def _encoder_facts(model_cfg: dict) -> dict:
@@ -228,6 +239,8 @@ def model_folder_config(state: dict) -> dict:
         "decoding": {"beam_size": DEFAULT_DECODING["beam_size"], "max_length": int(data.get("max_length") or 50),
                      **{k: v for k, v in DEFAULT_DECODING.items() if k != "beam_size"}},
         "data": data,
+        "training_data": state.get("training_data"),
+        "scores": list(state.get("scores") or []),
         "config": cfg,
     }
 
@@ -291,7 +304,7 @@ def export_model(source: str | Path, out_dir: str | Path, *, overwrite: bool = F
         storages.add(tensor.untyped_storage().data_ptr())
         tensors[key] = tensor
     meta = model_folder_config(state)
-    card = model_card(meta, state["vocab"], MODEL_FILES, run_dir_of(source), repo_id=repo_id)
+    card = model_card(meta, state["vocab"], MODEL_FILES, repo_id=repo_id)
 
     old = out.with_name(f".{out.name}.old{os.getpid()}")
     try:
