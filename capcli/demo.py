@@ -357,6 +357,8 @@ def build_app(captioner: Captioner, examples: Sequence[Path] = ()) -> Any:
         att_outputs = [words, slider, heatmap, att_state, word_note]
         run.click(guarded(on_caption), [files, beam, block, sample, temperature, top_k, seed],
                   [status, table, gallery, photo, photos_state, *att_outputs])
+        # new photos: the captions of the old ones go (they would read as the new ones' captions)
+        files.change(lambda: ("", "", None), None, [status, table, gallery], queue=False)
         photo.input(guarded(on_photo), [photo, photos_state, beam, block], att_outputs)
         words.input(guarded(on_word), [words, att_state], [heatmap, slider])
         slider.release(guarded(on_word), [slider, att_state], [heatmap, words])

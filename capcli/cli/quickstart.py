@@ -108,4 +108,5 @@ def quickstart(
     console.print(f"\ndata:        {data_dir}\nrun:         {run_dir}  (checkpoints/, metrics.jsonl, config.yaml)\n"
                   f"evaluation:  {eval_dir / 'eval.json'}, {eval_dir / 'captions.json'}\n"
                   f"captions:    {out / 'captions.json'}\nattention:   {out / 'attention'}\n"
-                  f"next:        capcli caption {run_dir} {img_dir}")
+                  f"next:        capcli caption {run_dir} {img_dir}\n"
+                  f"             capcli demo {run_dir}   (a web page; pip install \"capcli\\[demo]\")")
