@@ -392,7 +392,7 @@ def serve(captioner: Captioner, *, host: str = "127.0.0.1", port: int = 7860, ex
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
-        app.close()
+        app.close(verbose=False)
 
 
 def _interrupt(signum, frame):
