@@ -99,10 +99,20 @@ class Captioner:
     capcli_version: str = "?"
 
     @classmethod
-    def load(cls, source: str | Path, device: str | torch.device = "auto", amp: str | None = None) -> "Captioner":
+    def load(cls, source: str | Path, device: str | torch.device = "auto", amp: str | None = None, *,
+             backend: str = "torch", int8: bool = False) -> "Captioner":
         """From a run dir, a checkpoint file, a model folder (`capcli export`) or ``hf-hub:user/name``.
         ``amp`` (auto | off | bf16 | fp16) sets the precision; by default the model's ``train.amp``
-        (auto: bf16 or fp16 on CUDA, float32 on a CPU)."""
+        (auto: bf16 or fp16 on CUDA, float32 on a CPU).
+
+        ``backend="onnxruntime"`` runs the ONNX graphs of a folder exported with ``--format onnx``
+        (on the CPU; ``int8=True``: its int8 decoder) under the same decoding code as torch."""
+        if backend not in ("torch", "onnxruntime"):
+            raise UserError(f"backend {backend!r}: use torch or onnxruntime")
+        if int8 and backend != "onnxruntime":
+            raise UserError("int8 runs the quantised ONNX decoder: use it with backend onnxruntime")
+        if backend == "onnxruntime":
+            return cls._load_onnx(source, device, amp, int8)
         device = device if isinstance(device, torch.device) else resolve_device(device)
         amp_dtype = autocast_dtype(amp, device) if amp is not None else None  # a bad value fails before the model is read
         model, vocab, cfg, state = load_model(source, device)
@@ -114,6 +124,32 @@ class Captioner:
                    int(data.get("max_length") or 50), str(source), dict(data), state.get("training_data"),
                    list(state.get("scores") or []), str(state.get("capcli_version", "?")))
 
+    @classmethod
+    def _load_onnx(cls, source, device, amp, int8: bool) -> "Captioner":
+        from capcli.onnx import OnnxCaptionModel, require
+        from capcli.store.folder import folder_of, read_folder
+
+        require("onnxruntime")
+        if str(device) not in ("auto", "cpu"):
+            raise UserError("the onnxruntime backend runs on the CPU here; use --device cpu (or the torch backend)")
+        if amp not in (None, "auto", "off"):
+            raise UserError(f"--amp {amp}: the onnxruntime backend runs float32 (or --int8); drop --amp")
+        folder = folder_of(source, ("*.onnx",))
+        state = read_folder(folder, weights=False)
+        cfg = config_from_dict(state["config"])
+        vocab = Vocab(state["vocab"])
+        model = OnnxCaptionModel(folder, state["meta"], len(vocab), int8=int8)
+        data = state["data"]
+        size = int(data.get("image_size") or cfg.model.image_size or 224)
+        return cls(model, vocab, cfg, size, data.get("resize", "squash"), torch.device("cpu"), None,
+                   int(data.get("max_length") or 50), str(source), dict(data), state.get("training_data"),
+                   list(state.get("scores") or []), str(state.get("capcli_version", "?")))
+
+    @property
+    def backend(self) -> str:
+        """torch or onnxruntime: what runs the model."""
+        return getattr(self.model, "backend", "torch")
+
     def describe(self) -> dict:
         """What this model is, as a model card says it: ``source``, ``encoder`` (its timm name,
         ``pretrained``, ``frozen``, ``grid``), ``image_size``, ``resize``, ``vocab_size``,
@@ -121,9 +157,13 @@ class Captioner:
         manifest's facts: source, splits, ...; None where it was not available) and ``scores``
         (one dict per ``capcli evaluate`` of the run: split, beam_size, bleu1..4, cider, ...)."""
         m = self.config.model
-        total = sum(p.numel() for p in self.model.parameters())
-        encoder = sum(p.numel() for p in self.model.encoder.parameters())
-        return {"source": self.source, "capcli_version": self.capcli_version,
+        counts = getattr(self.model, "parameter_counts", None)
+        if counts:  # an ONNX model: the counts its folder recorded
+            total, encoder = int(counts.get("total", 0)), int(counts.get("encoder", 0))
+        else:
+            total = sum(p.numel() for p in self.model.parameters())
+            encoder = sum(p.numel() for p in self.model.encoder.parameters())
+        return {"source": self.source, "capcli_version": self.capcli_version, "backend": self.backend,
                 "encoder": {"name": m.encoder, "pretrained": m.pretrained not in (False, None, "false"),
                             "frozen": not m.finetune, "grid": m.grid},
                 "image_size": self.image_size, "resize": self.resize, "vocab_size": len(self.vocab),

@@ -47,7 +47,8 @@ def evaluate_model(model, dataset: CaptionDataset, device: torch.device, options
     """
     options = options.resolved(dataset.max_length)
     vocab = vocab or dataset.vocab
-    teacher_forced = score and vocab.itos == dataset.vocab.itos
+    # the teacher-forced pass runs the torch decoder over whole captions: not an ONNX model's
+    teacher_forced = score and vocab.itos == dataset.vocab.itos and getattr(model, "backend", "torch") == "torch"
     # METEOR's JVM and paraphrase tables load (~10 s) while the captions are decoded
     meteor_proc = start_meteor() if score and meteor is not False else None
     try:
@@ -81,6 +82,7 @@ def evaluate_model(model, dataset: CaptionDataset, device: torch.device, options
         "max_length": options.max_length,
         "length_penalty": options.length_penalty,
         "amp": amp_name(options.amp_dtype),
+        "backend": getattr(model, "backend", "torch") + ("-int8" if getattr(model, "int8", False) else ""),
         "captions_per_s": len(hyps) / max(decode_seconds, 1e-9),
         # where the time went: encoder (or cached features), beam search, teacher-forced pass,
         # metrics (METEOR included: the wait for its process, started before decoding)
@@ -182,7 +184,8 @@ def evaluate_checkpoint(source: str | Path | Captioner, device: torch.device,
                         data: str | Path | None = None, split: str = "test", amp: str | None = None,
                         batch_size: int | None = None, max_images: int = 0, num_workers: int = 0,
                         meteor: bool | None = None, output: str | Path | None = None,
-                        progress: Callable[[str, int, int], None] | None = None) -> tuple[dict, Path]:
+                        progress: Callable[[str, int, int], None] | None = None, backend: str = "torch",
+                        int8: bool = False) -> tuple[dict, Path]:
     """Score a MODEL source (or a :class:`~capcli.api.Captioner` already loaded) on a split and
     write ``eval.json`` (the scores, with where the time went) and ``captions.json`` (COCO results)
     beside it; returns (scores, eval.json path).
@@ -192,10 +195,12 @@ def evaluate_checkpoint(source: str | Path | Captioner, device: torch.device,
     the dataset's longest caption fill what it leaves open). ``output``: the eval.json path
     (default: :func:`default_output`). A model trained on a frozen encoder reads the split's
     feature cache (made on the first evaluation). ``progress(phase, done, total)`` follows the
-    ``cache`` and ``decode`` phases.
+    ``cache`` and ``decode`` phases. ``backend``/``int8``: see :meth:`Captioner.load` (an ONNX
+    model scores captions only: its loss and top-5 are null).
     """
     t_start = time.perf_counter()
-    captioner = source if isinstance(source, Captioner) else Captioner.load(source, device, amp=amp)
+    captioner = (source if isinstance(source, Captioner)
+                 else Captioner.load(source, device, amp=amp, backend=backend, int8=int8))
     source = captioner.source
     options = dataclasses.replace(options or DecodeOptions(), amp_dtype=captioner.amp_dtype)
     load_s = time.perf_counter() - t_start
@@ -206,7 +211,7 @@ def evaluate_checkpoint(source: str | Path | Captioner, device: torch.device,
     phase = (lambda name: (lambda done, total: progress(name, done, total))) if progress else (lambda name: None)
     t0 = time.perf_counter()
     features = (feature_cache(captioner.model, dataset, device, captioner.amp_dtype, batch_size, phase("cache"))
-                if cfg.train.cache_features else None)
+                if cfg.train.cache_features and captioner.backend == "torch" else None)
     cache_s = time.perf_counter() - t0
     scores = evaluate_model(captioner.model, dataset, device, options, batch_size=batch_size,
                             num_workers=num_workers, alpha_c=cfg.train.alpha_c, meteor=meteor,

@@ -24,14 +24,26 @@ RANDOM_NOTE = ("random weights: the decoder rarely emits <end>, so most captions
 def bench_decode(encoder: str | None = None, *, beam: int = 3, images: int = 64, max_length: int = 20,
                  vocab: int = 1000, image_size: int | None = None, device: torch.device | str = "cpu",
                  checkpoint: str | Path | None = None, batch: int | None = None, warmup: int = 1, amp="auto",
-                 grid: int = 7, progress: ProgressFn | None = None) -> dict:
+                 grid: int = 7, progress: ProgressFn | None = None, backend: str = "torch", int8: bool = False,
+                 block_ngrams: int = 0) -> dict:
     """Captioning throughput: ``images`` random images, ``batch`` at a time, encoder + beam search.
 
     ``captions_per_s`` counts images captioned per second, encoder included. Random weights unless
     ``checkpoint`` (a .pt or a run dir) is given: its encoder, vocabulary and image size are then
     used, ``vocab`` is ignored and ``encoder``, if given, must match. ``max_length`` counts words.
     ``ended_fraction`` is the share of captions that ended with <end> before ``max_length``.
+
+    ``backend="onnxruntime"`` runs the ONNX graphs through the same beam search: those of
+    ``checkpoint`` (a model folder exported with ``--format onnx``), or of the random model,
+    exported to a temporary folder first (``int8``: the int8 decoder). ``block_ngrams``: as in
+    caption (0 here by default: the benchmark's history is without it).
     """
+    if backend not in ("torch", "onnxruntime"):
+        raise UserError(f"backend {backend!r}: use torch or onnxruntime")
+    if int8 and backend != "onnxruntime":
+        raise UserError("--int8 runs the quantised ONNX decoder: add --backend onnxruntime")
+    if backend == "onnxruntime" and torch.device(device).type != "cpu":
+        raise UserError("the onnxruntime backend runs on the CPU here: use --device cpu")
     device = torch.device(device)
     batch = batch or default_batch_size(device)  # the engine's, as caption and evaluate use it
     for key, value in (("beam", beam), ("images", images), ("max_length", max_length), ("batch", batch)):
@@ -39,7 +51,17 @@ def bench_decode(encoder: str | None = None, *, beam: int = 3, images: int = 64,
             raise UserError(f"{key} must be at least 1, got {value}")
     amp_dtype = autocast_dtype(amp, device)
     note = None
-    if checkpoint is not None:
+    if checkpoint is not None and backend == "onnxruntime":
+        from capcli.api import Captioner
+
+        captioner = Captioner.load(checkpoint, "cpu", backend="onnxruntime", int8=int8)
+        model, voc, cfg = captioner.model, captioner.vocab, captioner.config
+        if encoder is not None and encoder != cfg.model.encoder:
+            raise UserError(f"--encoder {encoder} does not match the model's encoder {cfg.model.encoder}")
+        encoder = cfg.model.encoder
+        image_size = captioner.image_size
+        vocab = len(voc)
+    elif checkpoint is not None:
         model, voc, cfg, ckpt = load_model(checkpoint, "cpu")
         if encoder is not None and encoder != cfg.model.encoder:
             raise UserError(f"--encoder {encoder} does not match the checkpoint's encoder "
@@ -57,9 +79,14 @@ def bench_decode(encoder: str | None = None, *, beam: int = 3, images: int = 64,
         model = CaptionModel(model_config(encoder, grid, finetune=False), vocab, pretrained=False)
         voc = random_vocab(vocab)
         note = RANDOM_NOTE
+        if backend == "onnxruntime":
+            model = _random_onnx(model.eval(), image_size, int8)
     model.eval()
-    feature_shape(model.encoder, image_size)
-    options = DecodeOptions(beam_size=beam, max_length=max_length, amp_dtype=amp_dtype)
+    if backend == "torch":
+        feature_shape(model.encoder, image_size)
+    else:
+        amp_dtype = None  # onnxruntime runs float32 (its int8 decoder with --int8)
+    options = DecodeOptions(beam_size=beam, max_length=max_length, amp_dtype=amp_dtype, block_ngrams=block_ngrams)
 
     def run(n: int) -> dict:
         meter = PeakMemory(device).start()
@@ -107,6 +134,22 @@ def bench_decode(encoder: str | None = None, *, beam: int = 3, images: int = 64,
     return {"encoder": encoder, **out, "beam": beam, "images": images, "max_length": max_length,
             "vocab": vocab, "image_size": image_size, "checkpoint": str(checkpoint) if checkpoint else None,
             "weights": "checkpoint" if checkpoint else "random", "warmup": warmup,
-            "amp": amp_name(amp_dtype), "device": str(device), "note": note}
+            "amp": amp_name(amp_dtype), "device": str(device), "note": note,
+            "backend": backend + ("-int8" if int8 else ""), "block_ngrams": block_ngrams}
+
+
+def _random_onnx(model, image_size: int, int8: bool):
+    """The random model as ONNX graphs in a temporary folder, loaded for onnxruntime (the files
+    stay open in onnxruntime's sessions; the folder goes when the process ends)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from capcli.onnx import OnnxCaptionModel, export_graphs
+
+    folder = Path(tempfile.mkdtemp(prefix="capcli-bench-onnx-"))
+    atexit.register(shutil.rmtree, folder, True)
+    section = export_graphs(model, image_size, folder, quantize="int8" if int8 else None)
+    return OnnxCaptionModel(folder, {"onnx": section}, model.decoder.vocab_size, int8=int8)
 
 

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from capcli.cli.common import DebugOpt, DeviceOpt, QuietOpt, command, resolve_device
+from capcli.cli.common import (BackendOpt, DebugOpt, DeviceOpt, Int8Opt, QuietOpt, backend_device, command,
+                               resolve_device)
 from capcli.errors import UserError
 from capcli.report import console, make_progress, table
 from capcli.store.files import write_json
@@ -198,6 +199,9 @@ def decode(
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Trained weights: .pt or run dir (default: random weights).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the result to this JSON file.")] = None,
     amp: AmpOpt = "auto",
+    backend: BackendOpt = "torch",
+    int8: Int8Opt = False,
+    block_ngrams: Annotated[int, typer.Option("--block-ngrams", min=0, help="Never repeat an n-gram of this size (0 = off, the default here; caption's default is 3).")] = 0,
     threads: ThreadsOpt = 0,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
@@ -212,11 +216,13 @@ def decode(
       capcli benchmark decode --encoder convnext_atto --beam 3 --images 64 --max-length 20 --vocab 50
       capcli benchmark decode --encoder convnext_tiny --beam 5 --images 512 --vocab 10000 --device cuda
       capcli benchmark decode --checkpoint runs/tiny/checkpoints/best.pt --beam 5 --output decode.json
+      capcli benchmark decode --checkpoint models/coco-onnx --backend onnxruntime --int8 --beam 3
+      capcli benchmark decode --encoder convnext_atto --backend onnxruntime --beam 5   (a random model, exported first)
     """
     from capcli.bench.decode import bench_decode
     from capcli.bench.harness import env_info, load_average, set_threads
 
-    dev = resolve_device(device)
+    dev = resolve_device(backend_device(backend, device))
     set_threads(threads)
     env = env_info(dev)
     with make_progress(quiet) as bar:
@@ -224,10 +230,11 @@ def decode(
         task = bar.add_task(label, total=images, info=f"beam {beam}")
         result = bench_decode(encoder, beam=beam, images=images, max_length=max_length, vocab=vocab,
                                     image_size=image_size, device=dev, checkpoint=checkpoint, batch=batch,
-                                    warmup=warmup, amp=amp, progress=_tracker(bar, task, label))
+                                    warmup=warmup, amp=amp, progress=_tracker(bar, task, label),
+                                    backend=backend, int8=int8, block_ngrams=block_ngrams)
     console.print(_pairs_table(
         f"Decoding: {result['encoder']} ({result['weights']} weights), beam {beam}, "
-        f"{result['image_size']}px on {dev}", result, [
+        f"{result['image_size']}px on {dev}, {result['backend']}", result, [
             ("captions_per_s", "images captioned/s", 2), ("ms_per_image", "ms per image", 1),
             ("batch_ms", "ms per batch (median)", 1), ("batch", "images per batch", 0),
             ("mean_words", "words per caption", 1), ("ended_fraction", "ended before max length", 2),

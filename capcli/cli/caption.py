@@ -7,8 +7,8 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from capcli.cli.common import (AllowUnkOpt, BlockNgramsOpt, DanglingOpt, DebugOpt, DeviceOpt, ModelAmpOpt, QuietOpt,
-                               command, dangling_words, resolve_device)
+from capcli.cli.common import (AllowUnkOpt, BackendOpt, BlockNgramsOpt, DanglingOpt, DebugOpt, DeviceOpt, Int8Opt,
+                               ModelAmpOpt, QuietOpt, backend_device, command, dangling_words, resolve_device)
 from capcli.errors import UserError
 from capcli.report import console, make_progress, table
 
@@ -32,6 +32,8 @@ def caption(
     top_k: Annotated[int, typer.Option("--top-k", min=0, help="With --sample: draw among the k likeliest words only (0 = all).")] = 0,
     seed: Annotated[Optional[int], typer.Option("--seed", help="With --sample: the same seed draws the same captions.")] = None,
     amp: ModelAmpOpt = None,
+    backend: BackendOpt = "torch",
+    int8: Int8Opt = False,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -49,6 +51,7 @@ def caption(
       capcli caption hf-hub:user/coco-captioner photos/ --beam 5 --block-ngrams 0 --allow-unk   (the raw model)
       capcli caption runs/tiny photos/ --sample --temperature 0.7 --top-k 20 --seed 1
       capcli caption runs/coco photos/ --amp bf16 --output captions.jsonl        (bf16 on an AMX CPU: faster)
+      capcli caption models/coco photos/ --backend onnxruntime         (a folder exported with --format onnx)
       torchrun --nproc_per_node 4 -m capcli caption runs/coco photos/ --output captions.jsonl
     """
     from capcli.api import Captioner
@@ -64,12 +67,12 @@ def caption(
         raise UserError("--attention-maps draws the attention of beam search; drop --sample (or the maps)")
     if not sample and (temperature != 1.0 or top_k or seed is not None):
         raise UserError("--temperature, --top-k and --seed shape sampled captions; add --sample")
-    d, dev = setup_distributed(resolve_device(device))
+    d, dev = setup_distributed(resolve_device(backend_device(backend, device)))
     if d.world > 1 and output is None:
         raise UserError("under torchrun give --output: each process streams its rows there and rank 0 merges them")
     quiet = quiet or not d.main
     try:
-        captioner = Captioner.load(model, dev, amp=amp)
+        captioner = Captioner.load(model, dev, amp=amp, backend=backend, int8=int8)
         files = find_images(paths)
         if not files:
             raise UserError(f"no image files found in {' '.join(paths)}; give files, folders or globs "

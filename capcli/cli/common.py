@@ -35,6 +35,20 @@ DanglingOpt = Annotated[Optional[str], typer.Option(
     "and conjunctions such as a, the, of, with, and); 'none' allows any.")]
 
 
+BackendOpt = Annotated[str, typer.Option(
+    "--backend", help="torch | onnxruntime: run the ONNX graphs of a model folder exported with --format onnx "
+    "(CPU; pip install \"capcli\\[onnx]\"), through the same decoding code.")]
+Int8Opt = Annotated[bool, typer.Option(
+    "--int8", help="With --backend onnxruntime: its int8 decoder (exported with --quantize int8).")]
+
+
+def backend_device(backend: str, device: str) -> str:
+    """The device a backend runs on: onnxruntime on the CPU (``auto`` means it there)."""
+    if backend not in ("torch", "onnxruntime"):
+        raise UserError(f"--backend {backend}: use torch or onnxruntime")
+    return "cpu" if backend == "onnxruntime" and device == "auto" else device
+
+
 def dangling_words(value: str | None) -> tuple[str, ...] | None:
     """``--dangling``: None (the default list), () for 'none', else the words given."""
     if value is None:

@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from capcli.cli.common import (AllowUnkOpt, BlockNgramsOpt, DanglingOpt, DebugOpt, DeviceOpt, ModelAmpOpt, QuietOpt,
-                               command, dangling_words, resolve_device)
+from capcli.cli.common import (AllowUnkOpt, BackendOpt, BlockNgramsOpt, DanglingOpt, DebugOpt, DeviceOpt, Int8Opt,
+                               ModelAmpOpt, QuietOpt, backend_device, command, dangling_words, resolve_device)
 from capcli.errors import UserError
 from capcli.report import console, make_progress, metrics_table
 from capcli.store.files import write_json
@@ -31,6 +31,8 @@ def evaluate(
     meteor: Annotated[Optional[bool], typer.Option("--meteor/--no-meteor", help="METEOR needs Java; default: when available.")] = None,
     workers: Annotated[int, typer.Option("--workers", min=0, help="DataLoader workers.")] = 0,
     amp: ModelAmpOpt = None,
+    backend: BackendOpt = "torch",
+    int8: Int8Opt = False,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -43,6 +45,7 @@ def evaluate(
       capcli evaluate runs/tiny/checkpoints/best.pt --beam 5 --block-ngrams 0 --output results/eval.json
       capcli evaluate runs/tiny --allow-unk --dangling none      (the raw model: <unk> and any last word)
       capcli evaluate runs/coco --amp bf16        (bf16 on an AMX CPU: faster, scores may move slightly)
+      capcli evaluate models/coco --data data/coco --backend onnxruntime --int8   (the ONNX graphs: captions only)
       capcli evaluate --results captions.json --data data/coco --split test
     """
     from capcli.data.dataset import CaptionDataset
@@ -63,7 +66,7 @@ def evaluate(
         return
     if checkpoint is None:
         raise UserError("give a CHECKPOINT (file or run dir) or --results captions.json")
-    dev = resolve_device(device)
+    dev = resolve_device(backend_device(backend, device))
     with make_progress(quiet) as bar:
         tasks: dict[str, int] = {}
 
@@ -76,7 +79,7 @@ def evaluate(
         scores, output = evaluate_checkpoint(
             checkpoint, dev, decode_options(beam, max_length, block_ngrams, allow_unk, dangling_words(dangling)),
             data=data, split=split, amp=amp, batch_size=batch_size, max_images=max_images, num_workers=workers,
-            meteor=meteor, output=output, progress=progress)
+            meteor=meteor, output=output, progress=progress, backend=backend, int8=int8)
     console.print(metrics_table(scores, f"{checkpoint} on {scores['data']}, split {split}, beam {beam}"))
     console.print(f"wrote {output} and {output.with_name('captions.json')}")
     console.print("seconds: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in scores["seconds"].items()))

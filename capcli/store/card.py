@@ -160,5 +160,31 @@ def model_card(meta: dict, vocab: list[str], files: dict[str, str], repo_id: str
             f'captioner = Captioner.load("{where}")' + ("" if repo_id else '  # this folder, or "hf-hub:user/name"'),
             'print(captioner.caption(["photo.jpg"]))  # beam search, beam 3', "```", "", "Command line:", "",
             "```bash", f"capcli caption {where} photo.jpg", f"capcli caption {where} photos/ --beam 5 --output captions.csv",
-            "```", "", "## Files", "", *(f"- `{name}`: {what}" for name, what in files.items()), ""]
+            "```", ""]
+    if meta.get("onnx"):
+        out += _onnx_section(meta, where)
+    out += ["## Files", "", *(f"- `{name}`: {what}" for name, what in files.items()), ""]
     return "\n".join(out)
+
+
+def _onnx_section(meta: dict, where: str) -> list[str]:
+    onnx, prep = meta["onnx"], meta["preprocessing"]
+    rows = []
+    for name, g in (onnx.get("graphs") or {}).items():
+        def sig(args):
+            return ", ".join(f"{a['name']} {a['dtype']} {tuple(a['shape'])}" for a in args)
+        rows.append([f"`{g['file']}`", sig(g["inputs"]), sig(g["outputs"])])
+    size = prep.get("image_size")
+    return [
+        "## Run it with onnxruntime", "",
+        (f"The folder also holds the model as ONNX graphs (opset {onnx.get('opset')}), for serving without PyTorch. "
+         f"Resize an RGB image to {size} x {size} ({prep.get('resize')}) as uint8 (3, {size}, {size}); the "
+         "encoder does the rest. Then run `decoder_init` once and `decoder_step` once per word, feeding back "
+         "the chosen word, h and c; stop at `<end>`. `decoder_step` takes k consecutive rows of tokens, h and c "
+         "per image (the beams of a beam search), and one row of features and proj per image."), "",
+        _md_table(["graph", "inputs", "outputs"], rows), "",
+        "capcli drives them with its own beam search:", "", "```bash", 'pip install "capcli[onnx]"',
+        f"capcli caption {where} photo.jpg --backend onnxruntime"
+        + ("   # --int8 for the quantised decoder" if onnx.get("int8") else ""), "```", "",
+        ("`examples/onnx_caption.py` in the capcli repository is a greedy decoder in NumPy and onnxruntime "
+         "alone (no PyTorch, no capcli), and shows how another runtime drives the graphs."), ""]

@@ -28,7 +28,9 @@ A model folder holds exactly::
 - ``training_data``: the facts of the training set's manifest (source, image size, vocabulary,
   splits), or null where it was not available at export;
 - ``scores``: one object per ``capcli evaluate`` of the run (split, beam_size, images, bleu1..4,
-  meteor, rouge_l, cider, ...), empty where none was recorded.
+  meteor, rouge_l, cider, ...), empty where none was recorded;
+- ``onnx`` (``--format onnx`` only): the ONNX graphs beside the weights, their inputs and outputs,
+  opset and export id (:mod:`capcli.onnx`).
 
 :func:`read_model` reads any MODEL source (run dir, checkpoint file, model folder,
 ``hf-hub:user/name[@revision]``) into one plain dict.
@@ -116,13 +118,16 @@ def _read_json(path: Path, what: str):
                         f"{what}") from exc
 
 
-def read_folder(folder: str | Path) -> dict:
-    """:func:`read_model`'s dict from a model folder, with a one-line UserError for anything wrong."""
+def read_folder(folder: str | Path, *, weights: bool = True) -> dict:
+    """:func:`read_model`'s dict from a model folder, with a one-line UserError for anything wrong.
+    ``weights=False`` leaves the safetensors file unread (``model`` is None: another backend runs
+    the folder) and adds ``meta``, the whole config.json."""
     folder = Path(folder)
     fix = f"re-export it with `capcli export RUN {folder} --overwrite`"
     if not folder.is_dir():
         raise UserError(f"model folder {folder} not found; give a folder written by `capcli export`")
-    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE, VOCAB_FILE) if not (folder / name).is_file()]
+    needed = (CONFIG_FILE, WEIGHTS_FILE, VOCAB_FILE) if weights else (CONFIG_FILE, VOCAB_FILE)
+    missing = [name for name in needed if not (folder / name).is_file()]
     if missing:
         other = sorted(p.name for p in folder.iterdir() if p.suffix in (".pt", ".pth", ".bin", ".pkl", ".ckpt"))
         if WEIGHTS_FILE in missing and other:
@@ -145,15 +150,10 @@ def read_folder(folder: str | Path) -> dict:
     vocab = _read_json(folder / VOCAB_FILE, fix)
     if not isinstance(vocab, list) or not vocab or not all(isinstance(t, str) for t in vocab):
         raise UserError(f"{folder / VOCAB_FILE} is not a vocabulary (a JSON list of tokens, index -> token); {fix}")
-    try:
-        from safetensors.torch import load_file
-
-        weights = load_file(str(folder / WEIGHTS_FILE), device="cpu")
-    except ImportError as exc:
-        raise UserError("reading a model folder needs the safetensors package: pip install safetensors") from exc
-    except Exception as exc:  # safetensors' own error type: a pickle or any other file in its place
-        raise UserError(f"{folder / WEIGHTS_FILE} is not a safetensors file ({(str(exc).splitlines() or [type(exc).__name__])[0][:160]}); "
-                        f"capcli model folders hold safetensors weights only; {fix}") from exc
+    if not weights:
+        tensors = None
+    else:
+        tensors = _read_weights(folder, fix)
     prep = meta.get("preprocessing") or {}
     data = dict(meta.get("data") or {})
     for key in ("image_size", "resize"):
@@ -162,10 +162,37 @@ def read_folder(folder: str | Path) -> dict:
     if data.get("max_length") is None and (meta.get("decoding") or {}).get("max_length"):
         data["max_length"] = meta["decoding"]["max_length"]
     scores = meta.get("scores")
-    return {"model": weights, "config": meta["config"], "vocab": vocab, "data": data,
+    return {"model": tensors, "meta": meta, "config": meta["config"], "vocab": vocab, "data": data,
             "capcli_version": meta.get("capcli_version", "?"), "source": str(folder),
             "training_data": meta.get("training_data") if isinstance(meta.get("training_data"), dict) else None,
             "scores": [s for s in scores if isinstance(s, dict)] if isinstance(scores, list) else []}
+
+
+def _read_weights(folder: Path, fix: str) -> dict:
+    try:
+        from safetensors.torch import load_file
+
+        return load_file(str(folder / WEIGHTS_FILE), device="cpu")
+    except ImportError as exc:
+        raise UserError("reading a model folder needs the safetensors package: pip install safetensors") from exc
+    except Exception as exc:  # safetensors' own error type: a pickle or any other file in its place
+        raise UserError(f"{folder / WEIGHTS_FILE} is not a safetensors file ({(str(exc).splitlines() or [type(exc).__name__])[0][:160]}); "
+                        f"capcli model folders hold safetensors weights only; {fix}") from exc
+
+
+def folder_of(source: str | Path, patterns: tuple[str, ...] = ()) -> Path:
+    """The local model folder of a source that must be one (a folder written by `capcli export`,
+    or ``hf-hub:user/name`` with ``patterns``, extra files to fetch, beside the folder's own)."""
+    text = str(source)
+    if text.startswith(hub.HUB_PREFIX):
+        return hub.download(text, tuple(MODEL_FILES) + tuple(patterns))
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix in (".safetensors", ".onnx", ".json"):
+        path = path.parent
+    if not is_model_folder(path):
+        raise UserError(f"{source} is not a model folder; this needs one written by `capcli export` (from a run: "
+                        f"capcli export {source} DIR --format onnx)")
+    return path
 
 
 def _encoder_facts(model_cfg: dict) -> dict:
@@ -276,13 +303,16 @@ def _check_destination(out: Path, source: str | Path, overwrite: bool) -> None:
 
 
 def export_model(source: str | Path, out_dir: str | Path, *, overwrite: bool = False,
-                 repo_id: str | None = None) -> Path:
+                 repo_id: str | None = None,
+                 extra: Callable[[Path, dict], tuple[str, dict, dict[str, str]]] | None = None) -> Path:
     """Write the model folder of any MODEL source (typically a run dir: its best.pt) to ``out_dir``.
 
     The folder is written beside ``out_dir`` under a temporary name and renamed into place, so it
     is whole or absent. An existing non-empty ``out_dir`` is replaced only with ``overwrite`` (and
     only when it is a model folder). ``repo_id`` (``user/name``) names the Hub repo in the model
-    card's usage examples. Returns ``out_dir``.
+    card's usage examples. ``extra(folder, state)`` writes more files into the folder being made
+    and returns (a config.json key, its section, {file name: what the card says of it}): the ONNX
+    graphs of ``--format onnx`` (:mod:`capcli.onnx`). Returns ``out_dir``.
     """
     try:
         from safetensors.torch import save_file
@@ -304,7 +334,6 @@ def export_model(source: str | Path, out_dir: str | Path, *, overwrite: bool = F
         storages.add(tensor.untyped_storage().data_ptr())
         tensors[key] = tensor
     meta = model_folder_config(state)
-    card = model_card(meta, state["vocab"], MODEL_FILES, repo_id=repo_id)
 
     old = out.with_name(f".{out.name}.old{os.getpid()}")
     try:
@@ -314,9 +343,14 @@ def export_model(source: str | Path, out_dir: str | Path, *, overwrite: bool = F
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp / WEIGHTS_FILE, 0o666 & ~umask)  # safetensors writes 0600; as readable as the rest
+            files = dict(MODEL_FILES)
+            if extra is not None:
+                key, section, notes = extra(tmp, state)
+                meta[key] = section
+                files.update(notes)
             write_json(tmp / CONFIG_FILE, meta, newline=True)
             write_json(tmp / VOCAB_FILE, list(state["vocab"]), indent=None, newline=True)
-            write_text(tmp / CARD_FILE, card)
+            write_text(tmp / CARD_FILE, model_card(meta, state["vocab"], files, repo_id=repo_id))
             if out.is_dir() and any(out.iterdir()):
                 os.replace(out, old)  # the model folder being replaced (checked above), deleted below
     except BaseException:
@@ -332,7 +366,8 @@ def export_model(source: str | Path, out_dir: str | Path, *, overwrite: bool = F
 
 
 def push_model(source, repo_id: str, *, private: bool = False, token: str | None = None,
-               commit_message: str | None = None, progress: Callable[[str], None] | None = None) -> str:
+               commit_message: str | None = None, progress: Callable[[str], None] | None = None,
+               extra: Callable[[Path, dict], tuple[str, dict, dict[str, str]]] | None = None) -> str:
     """Export ``source`` (any MODEL source, typically a run dir) to a temporary model folder and
     upload it to the Hub model repo ``repo_id`` (created if missing). Returns the repo's URL.
 
@@ -343,7 +378,7 @@ def push_model(source, repo_id: str, *, private: bool = False, token: str | None
     repo_id = hub.require_login(repo_id, token)  # before the export, which the upload would waste
     with tempfile.TemporaryDirectory(prefix="capcli-push-") as tmp:
         progress(f"exporting {source}")
-        folder = export_model(source, Path(tmp) / "model", repo_id=repo_id)
+        folder = export_model(source, Path(tmp) / "model", repo_id=repo_id, extra=extra)
         progress(f"uploading to {repo_id}{' (private)' if private else ''}")
         return hub.upload(folder, repo_id, private=private, token=token,
                           commit_message=commit_message or f"Upload capcli model from {Path(str(source)).name}")
