@@ -126,7 +126,7 @@ class Captioner:
 
     @classmethod
     def _load_onnx(cls, source, device, amp, int8: bool) -> "Captioner":
-        from capcli.onnx import OnnxCaptionModel, require
+        from capcli.store.onnx import OnnxCaptionModel, require
         from capcli.store.folder import folder_of, read_folder
 
         require("onnxruntime")

@@ -126,7 +126,7 @@ def test_random_model_captions_equal_torch(random_graphs):
     """Random weights: captions run long, every step of the beam search is compared."""
     from capcli.decode import DecodeOptions, decode_features
     from capcli.bench.harness import random_vocab
-    from capcli.onnx import OnnxCaptionModel
+    from capcli.store.onnx import OnnxCaptionModel
 
     model, folder, section = random_graphs
     ort_model = OnnxCaptionModel(folder, {"onnx": section}, 40)

@@ -145,7 +145,8 @@ def _random_onnx(model, image_size: int, int8: bool):
     import shutil
     import tempfile
 
-    from capcli.onnx import OnnxCaptionModel, export_graphs
+    from capcli.onnx import export_graphs
+    from capcli.store.onnx import OnnxCaptionModel
 
     folder = Path(tempfile.mkdtemp(prefix="capcli-bench-onnx-"))
     atexit.register(shutil.rmtree, folder, True)
