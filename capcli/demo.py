@@ -190,7 +190,8 @@ def facts_markdown(facts: dict) -> str:
     enc, p = facts["encoder"], facts["parameters"]
     init = "ImageNet-pretrained" if enc["pretrained"] else "trained from scratch"
     lines = [
-        f"| model | `{html.escape(str(facts['source']))}` (capcli {facts['capcli_version']}) |", "|---|---|",
+        f"| model | `{html.escape(str(facts['source']))}` (capcli {facts['capcli_version']}"
+        + (f", run by {facts['backend']}" if facts.get("backend", "torch") != "torch" else "") + ") |", "|---|---|",
         f"| encoder | `{enc['name']}`, {init}, {'frozen' if enc['frozen'] else 'fine-tuned'}; "
         + (f"{enc['grid']} x {enc['grid']} attention regions |" if enc["grid"] else "its own regions |"),
         f"| decoder | attention LSTM: embedding {facts['decoder']['emb_dim']}, attention {facts['decoder']['att_dim']}, "

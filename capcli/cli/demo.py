@@ -7,7 +7,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from capcli.cli.common import DebugOpt, DeviceOpt, ModelAmpOpt, QuietOpt, command
+from capcli.cli.common import BackendOpt, DebugOpt, DeviceOpt, Int8Opt, ModelAmpOpt, QuietOpt, backend_device, command
 from capcli.report import console
 
 
@@ -18,6 +18,8 @@ def demo(
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 7860,
     examples: Annotated[Optional[List[Path]], typer.Option("--examples", help="Images (files or folders) offered as one-click examples; repeatable (default: the repository's examples/images/).")] = None,
     amp: ModelAmpOpt = None,
+    backend: BackendOpt = "torch",
+    int8: Int8Opt = False,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -34,6 +36,7 @@ def demo(
       capcli demo runs/tiny                        (then open http://127.0.0.1:7860)
       capcli demo models/coco --port 8080 --examples photos/
       capcli demo hf-hub:user/coco-captioner --host 0.0.0.0
+      capcli demo models/coco-onnx --backend onnxruntime     (a folder exported with --format onnx)
     """
     from capcli.api import Captioner
     from capcli.cli.common import resolve_device
@@ -41,7 +44,8 @@ def demo(
 
     require_gradio()  # before the model is read: the missing extra is the first thing to say
     shown = example_images(examples)
-    captioner = Captioner.load(model, resolve_device(device), amp=amp)
+    captioner = Captioner.load(model, resolve_device(backend_device(backend, device)), amp=amp, backend=backend,
+                               int8=int8)
 
     def ready(url: str) -> None:
         console.print(f"capcli demo: {model} at {url}  (Ctrl-C stops it)", highlight=False, soft_wrap=True)
