@@ -16,6 +16,7 @@ import html
 import logging
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ MAX_PHOTOS = 32  # photos per request: a batch the page answers in seconds on a 
 MAX_PIXELS = 40_000_000  # 40 MP: larger images are refused before they are decoded
 MAX_FILE_SIZE = "50mb"  # the upload limit Gradio enforces in the browser and the server
 HEATMAP_SIZE = 384  # px: the side of the attention picture
+CLOSE_SECONDS = 5.0  # the longest a stop waits for the server to close its connections
 END_LABEL = "<end>"  # the last attention step: where the model looked when it ended the caption
 
 
@@ -393,7 +395,11 @@ def serve(captioner: Captioner, *, host: str = "127.0.0.1", port: int = 7860, ex
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
-        app.close(verbose=False)
+        # Gradio's close waits for the server to finish its open connections (a browser tab may
+        # hold one open): give it a few seconds, then end anyway (its server thread is a daemon).
+        closer = threading.Thread(target=app.close, kwargs={"verbose": False}, daemon=True)
+        closer.start()
+        closer.join(CLOSE_SECONDS)
 
 
 def _interrupt(signum, frame):
