@@ -385,7 +385,8 @@ def serve(captioner: Captioner, *, host: str = "127.0.0.1", port: int = 7860, ex
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{port} ({str(exc).rstrip('.')}); another program may hold the "
                         "port: pass --port N") from exc
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # Ctrl-C and SIGTERM stop the page, even where SIGINT came ignored (a shell's background job)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if on_ready is not None:
             on_ready(app.local_url or f"http://{host}:{port}/")
@@ -394,7 +395,8 @@ def serve(captioner: Captioner, *, host: str = "127.0.0.1", port: int = 7860, ex
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         # Gradio's close waits for the server to finish its open connections (a browser tab may
         # hold one open): give it a few seconds, then end anyway (its server thread is a daemon).
         closer = threading.Thread(target=app.close, kwargs={"verbose": False}, daemon=True)
