@@ -253,26 +253,28 @@ CSS = """
 """
 
 
+def guarded(gr, fn: Callable) -> Callable:
+    """``fn`` for a page event: a UserError becomes its sentence on the page, any other failure a
+    one-line message (its traceback goes to the server's log): the page never shows a traceback."""
+    def run(*args):
+        try:
+            return fn(*args)
+        except gr.Error:
+            raise
+        except UserError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        except Exception as exc:
+            log.exception("capcli demo: the request failed")
+            raise gr.Error(f"The request failed ({type(exc).__name__}: {str(exc)[:200]}); the server's log "
+                           "has the details.", print_exception=False) from None
+    run.__name__ = fn.__name__
+    return run
+
+
 def build_app(captioner: Captioner, examples: Sequence[Path] = ()) -> Any:
     """The page as a ``gradio.Blocks`` (not started)."""
     gr = require_gradio()
     facts = captioner.describe()
-
-    def guarded(fn: Callable) -> Callable:
-        """An unexpected failure becomes a message on the page; its traceback goes to the server log."""
-        def run(*args):
-            try:
-                return fn(*args)
-            except gr.Error:
-                raise
-            except UserError as exc:
-                raise gr.Error(str(exc), print_exception=False) from None
-            except Exception as exc:
-                log.exception("capcli demo: the request failed")
-                raise gr.Error(f"The request failed ({type(exc).__name__}: {str(exc)[:200]}); the server's log "
-                               "has the details.", print_exception=False) from None
-        run.__name__ = fn.__name__
-        return run
 
     def heatmap_update(att: Attention, index: int):
         label = att.labels[max(0, min(int(index), len(att.labels) - 1))]
@@ -358,13 +360,13 @@ def build_app(captioner: Captioner, examples: Sequence[Path] = ()) -> Any:
         photos_state, att_state = gr.State([]), gr.State(None)
 
         att_outputs = [words, slider, heatmap, att_state, word_note]
-        run.click(guarded(on_caption), [files, beam, block, sample, temperature, top_k, seed],
+        run.click(guarded(gr, on_caption), [files, beam, block, sample, temperature, top_k, seed],
                   [status, table, gallery, photo, photos_state, *att_outputs])
         # new photos: the captions of the old ones go (they would read as the new ones' captions)
         files.change(lambda: ("", "", None), None, [status, table, gallery], queue=False)
-        photo.input(guarded(on_photo), [photo, photos_state, beam, block], att_outputs)
-        words.input(guarded(on_word), [words, att_state], [heatmap, slider])
-        slider.release(guarded(on_word), [slider, att_state], [heatmap, words])
+        photo.input(guarded(gr, on_photo), [photo, photos_state, beam, block], att_outputs)
+        words.input(guarded(gr, on_word), [words, att_state], [heatmap, slider])
+        slider.release(guarded(gr, on_word), [slider, att_state], [heatmap, words])
         sample.change(lambda on: gr.update(visible=bool(on)), [sample], [sampling], queue=False)
     return app
 

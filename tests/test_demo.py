@@ -100,6 +100,26 @@ def test_attention_and_heat_maps(captioner):
     assert bottom_right[2] > bottom_right[0]
 
 
+def test_page_events_turn_failures_into_messages(caplog):
+    gr = pytest.importorskip("gradio")
+    from capcli.errors import UserError
+
+    def broken(x):
+        raise ValueError(f"boom {x}")
+
+    def refused(x):
+        raise UserError("that model needs capcli 9")
+
+    with pytest.raises(gr.Error) as failed:
+        demo.guarded(gr, broken)(1)
+    assert failed.value.message == "The request failed (ValueError: boom 1); the server's log has the details."
+    assert "ValueError: boom 1" in caplog.text  # the traceback goes to the server's log
+    with pytest.raises(gr.Error) as user:
+        demo.guarded(gr, refused)(1)
+    assert user.value.message == "that model needs capcli 9"
+    assert demo.guarded(gr, lambda x: x + 1)(1) == 2
+
+
 def test_rows_html_escapes():
     html = demo.rows_html([{"name": "<b>.png", "caption": "a <cat> & dog", "error": None},
                            {"name": "x.png", "caption": None, "error": "x.png is an empty file"}])
