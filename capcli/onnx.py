@@ -17,7 +17,8 @@ blocking: one algorithm, two backends).
 
 Their names, shapes, opset and an export id (stamped in each graph's metadata, so files from two
 exports are never mixed) are in config.json under ``onnx``; ``--quantize int8`` adds dynamically
-quantised int8 copies (``*.int8.onnx``) of the decoder graphs.
+quantised int8 copies (``*.int8.onnx``) of the decoder graphs. The encoder stays float32: its
+convolutions, dynamically quantised, ran 8-16x slower here (docs/performance.md).
 """
 
 from __future__ import annotations
