@@ -93,10 +93,13 @@ def test_step_log_probabilities_match_torch(random_graphs):
         tokens = torch.tensor([1, 5, 7, 7, 30, 2])
         logp, h1, c1, alpha = step.run(None, {"tokens": tokens.numpy(), "h": h.numpy(), "c": c.numpy(),
                                               "features": feats.numpy(), "proj": proj})
-        dec.fused = False  # the reference code, row by row with the features repeated per beam
-        rf, rp = feats.repeat_interleave(k, 0), dec.attention.project(feats).repeat_interleave(k, 0)
-        ref_h1, ref_c1, ref_alpha = dec.step(tokens, rf, rp, h, c)
-        ref_logp = torch.log_softmax(dec.logits(ref_h1), dim=1)
+        fused, dec.fused = dec.fused, False  # the reference code, row by row, the features repeated per beam
+        try:
+            rf, rp = feats.repeat_interleave(k, 0), dec.attention.project(feats).repeat_interleave(k, 0)
+            ref_h1, ref_c1, ref_alpha = dec.step(tokens, rf, rp, h, c)
+            ref_logp = torch.log_softmax(dec.logits(ref_h1), dim=1)
+        finally:
+            dec.fused = fused
     assert np.abs(logp - ref_logp.numpy()).max() < 1e-4
     np.testing.assert_allclose(h1, ref_h1.numpy(), atol=1e-5)
     np.testing.assert_allclose(c1, ref_c1.numpy(), atol=1e-5)
@@ -120,6 +123,37 @@ def test_onnxruntime_captions_equal_torch(onnx_folder):
     int8 = Captioner.load(onnx_folder, "cpu", backend="onnxruntime", int8=True)
     assert all(isinstance(t, str) and t for t in int8.caption(IMAGES, beam=3))
     assert ort_cap.describe()["parameters"] == torch_cap.describe()["parameters"]
+
+
+def test_tiny_model_log_probabilities_match_torch(onnx_folder):
+    """The tiny test model's own graphs, three steps on examples/images at 3 rows per image."""
+    torch_cap = Captioner.load(onnx_folder, "cpu")
+    ort_cap = Captioner.load(onnx_folder, "cpu", backend="onnxruntime")
+    images = torch_cap.preprocess(IMAGES)
+    dec, odec = torch_cap.model.decoder, ort_cap.model.decoder
+    fused, dec.fused = dec.fused, False  # the reference code
+    try:
+        with torch.inference_mode():
+            feats = torch_cap.model.encode(images)
+            ofeats = ort_cap.model.encode(images)
+            assert torch.allclose(ofeats, feats, atol=1e-4)
+            k = 3
+            h, c = dec.init_state(feats)
+            oh, oc = odec.init_state(feats)
+            proj = dec.attention.project(feats)
+            oproj = odec.attention.project(feats)
+            h, c = h.repeat_interleave(k, 0), c.repeat_interleave(k, 0)
+            oh, oc = oh.repeat_interleave(k, 0), oc.repeat_interleave(k, 0)
+            tokens = torch.full((len(IMAGES) * k,), torch_cap.vocab.start)
+            for _ in range(3):
+                h, c, _ = dec.step(tokens, feats.repeat_interleave(k, 0), proj.repeat_interleave(k, 0), h, c)
+                ref = torch.log_softmax(dec.logits(h), dim=1)
+                oh, oc, _ = odec.step(tokens, feats, oproj, oh, oc)
+                got = odec.logits(oh)
+                assert (got - ref).abs().max() < 1e-4
+                tokens = torch.randint(4, len(torch_cap.vocab), tokens.shape)  # the next words: any
+    finally:
+        dec.fused = fused
 
 
 def test_random_model_captions_equal_torch(random_graphs):
