@@ -118,6 +118,12 @@ class Captioner:
         model, vocab, cfg, state = load_model(source, device)
         if amp is None:  # the model's own precision
             amp_dtype = autocast_dtype(cfg.train.amp, device)
+        return cls._from_state(model, vocab, cfg, state, device, amp_dtype, source)
+
+    @classmethod
+    def _from_state(cls, model, vocab: Vocab, cfg: Config, state: dict, device: torch.device,
+                    amp_dtype: torch.dtype | None, source) -> "Captioner":
+        """A Captioner of a loaded model (either backend) and the state dict it was read from."""
         data = state["data"]
         size = int(data.get("image_size") or cfg.model.image_size or 224)
         return cls(model, vocab, cfg, size, data.get("resize", "squash"), device, amp_dtype,
@@ -139,11 +145,7 @@ class Captioner:
         cfg = config_from_dict(state["config"])
         vocab = Vocab(state["vocab"])
         model = OnnxCaptionModel(folder, state["meta"], len(vocab), int8=int8)
-        data = state["data"]
-        size = int(data.get("image_size") or cfg.model.image_size or 224)
-        return cls(model, vocab, cfg, size, data.get("resize", "squash"), torch.device("cpu"), None,
-                   int(data.get("max_length") or 50), str(source), dict(data), state.get("training_data"),
-                   list(state.get("scores") or []), str(state.get("capcli_version", "?")))
+        return cls._from_state(model, vocab, cfg, state, torch.device("cpu"), None, source)
 
     @property
     def backend(self) -> str:

@@ -18,7 +18,7 @@ blocking: one algorithm, two backends).
 Their names, shapes, opset and an export id (stamped in each graph's metadata, so files from two
 exports are never mixed) are in config.json under ``onnx``; ``--quantize int8`` adds dynamically
 quantised int8 copies (``*.int8.onnx``) of the decoder graphs. The encoder stays float32: its
-convolutions, dynamically quantised, ran 8-16x slower here (docs/performance.md).
+convolutions, dynamically quantised, ran several times slower (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from torch import nn
 from capcli.errors import UserError
 from capcli.store.onnx import FILES, ID_KEY, INT8_FILES, MIN_OPSET, graph_opset, require
 
-OPSET = 20  # 17 or newer is required; 20 has Gelu as one op (ConvNeXt: 1.8x faster in onnxruntime than at 18)
+OPSET = 20  # 17 or newer is required; 20 has Gelu as one op, which ConvNeXt's encoder needs to run fast (docs/performance.md)
 
 
 # --- the graphs: the model's computation written for export (no fast paths, one step a call) ---
