@@ -68,6 +68,9 @@ class TrainConfig:
     scst_warmup_steps: int = 100  # scst_after: linear warm-up of scst_lr over the first N self-critical steps
     scst_auto_share: float = 0.6  # scst_after=auto: switch at this share of max_minutes at the latest
     scst_max_length: int = 16  # scst: longest sampled caption in words (0 = train.max_length)
+    scst_temperature: float = 0.3  # scst: sample from softmax(logits / T); below 1 the samples stay near the mode (1, the classic one, dips first after a short cross-entropy run)
+    scst_top_k: int = 0  # scst: sample among the k likeliest words only (0 = all)
+    scst_val_every: Any = None  # validate self-critical training (its stage of scst_after too) this often (null = train.val_every)
     # teacher forcing: the share of steps that read the ground-truth word (else the model's own argmax)
     teacher_forcing: Any = True  # true (1) | false (0) | a ratio in [0, 1] | scheduled (= tf_schedule linear)
     tf_schedule: str = "constant"  # constant (teacher_forcing) | linear | inverse_sigmoid: tf_start -> tf_end, per step
@@ -334,6 +337,8 @@ def validate(cfg: Config) -> None:
         if kind == "share" and not t.max_minutes:
             raise UserError(f"train.scst_after={t.scst_after} is a share of the time budget; set train.max_minutes "
                             "(or give a number of epochs)")
+    if not t.scst_temperature > 0:
+        raise UserError(f"train.scst_temperature must be positive, got {t.scst_temperature!r}")
     if t.scst_lr <= 0:
         raise UserError(f"train.scst_lr must be positive, got {t.scst_lr!r}")
     if not 0.0 < t.scst_auto_share < 1.0:
@@ -346,7 +351,7 @@ def validate(cfg: Config) -> None:
     if not 0.0 < t.lr_factor <= 1.0:
         raise UserError(f"train.lr_factor must be in (0, 1], got {t.lr_factor!r}")
     _fraction("train.min_lr_ratio", t.min_lr_ratio)
-    for key in ("lr_patience", "warmup_steps", "scst_warmup_steps", "scst_max_length", "finetune_after", "patience", "max_length", "weight_decay",
+    for key in ("lr_patience", "warmup_steps", "scst_warmup_steps", "scst_max_length", "scst_top_k", "finetune_after", "patience", "max_length", "weight_decay",
                 "grad_clip", "alpha_c", "max_minutes"):
         if getattr(t, key) < 0:
             raise UserError(f"train.{key} must be 0 or more, got {getattr(t, key)!r}")
@@ -359,6 +364,11 @@ def validate(cfg: Config) -> None:
     if t.val_beam < 1:
         raise UserError(f"train.val_beam must be at least 1, got {t.val_beam!r}")
     parse_val_every(t.val_every)
+    if t.scst_val_every is not None:
+        try:
+            parse_val_every(t.scst_val_every)
+        except UserError as exc:
+            raise UserError(str(exc).replace("train.val_every", "train.scst_val_every")) from None
     if t.finetune_after and not m.finetune:
         raise UserError("train.finetune_after fine-tunes the encoder after N frozen epochs; it needs "
                         "model.finetune=true (or set train.finetune_after=0)")

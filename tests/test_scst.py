@@ -171,6 +171,22 @@ def test_scst_after_switches_inside_one_run_and_resumes_exactly_across_the_switc
         assert [r["objective"] for r in records_of(tmp_path / name)][-1] == "scst"
 
 
+def test_the_self_critical_stage_validates_on_its_own_schedule(tiny_data, tmp_path):
+    """train.scst_val_every: cross-entropy validates once per epoch (val_every=1), the
+    self-critical stage after the switch every 2 steps; unset, both follow val_every."""
+    train(cfg_for(tiny_data, tmp_path, "run.name=own", *SWITCH, "train.scst_val_every=2 steps"), CPU)
+    recs = [r for r in records_of(tmp_path / "own") if "val_cider" in r]
+    xe, scst = [r for r in recs if r["objective"] == "xe"], [r for r in recs if r["objective"] == "scst"]
+    per_epoch = xe[-1]["step"]
+    assert len(xe) == 1 and per_epoch >= 4
+    assert [r["step"] for r in scst] == list(range(per_epoch + 2, 2 * per_epoch + 1, 2)) + (
+        [2 * per_epoch] if per_epoch % 2 else [])
+    train(cfg_for(tiny_data, tmp_path, "run.name=same", *SWITCH), CPU)
+    assert [r["step"] for r in records_of(tmp_path / "same") if "val_cider" in r] == [per_epoch, 2 * per_epoch]
+    with pytest.raises(UserError, match="train.scst_val_every"):
+        load_config("tiny", ["train.scst_val_every=often"])
+
+
 def test_scst_after_a_share_of_the_budget_switches_mid_epoch(tiny_data, tmp_path):
     """train.scst_after="50%": once half of max_minutes has passed (here: the run's clock moved on
     by 6 of its 10 minutes after step 2), the cross-entropy weights are validated and saved, and the
@@ -259,3 +275,50 @@ def test_scst_beats_more_cross_entropy_on_the_synthetic_scenes(tmp_path, runner)
     (tmp_path / "scores.json").write_text(json.dumps(scores))
     print("test CIDEr-D:", scores)
     assert scores["scst"] > scores["xe_more"], scores
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.5, 0), (0.7, 5)])
+def test_scored_log_probs_are_the_policy_that_drew_the_samples(tiny_data, temperature, top_k):
+    """The policy gradient differentiates log p under the distribution the sampler drew from:
+    <unk> banned, logits over the temperature, only the top k words. Checked against the plain
+    decoder stepped by hand; a teacher-forced pass at T = 1 would differ (the first case shows the
+    check can tell them apart)."""
+    ds = CaptionDataset(tiny_data, "train")
+    vocab = ds.vocab
+    cfg = load_config("tiny", [f"data.dir={tiny_data}", *TINY_OVERRIDES])
+    torch.manual_seed(0)
+    model = CaptionModel(cfg.model, len(vocab)).eval()
+    objective = SCSTObjective(model, ds, samples=3, max_length=8, temperature=temperature, top_k=top_k)
+    dec = model.decoder
+    with torch.no_grad():
+        feats = model.features(torch.stack([ds[i]["image"] for i in range(2)]), None)
+        from capcli.decode import sample
+        s = sample(dec, feats, start=vocab.start, end=vocab.end, pad=vocab.pad, max_length=8,
+                   banned=(vocab.unk,), per_image=3, temperature=temperature, top_k=top_k,
+                   generator=torch.Generator().manual_seed(1))
+        mask = s.tokens != vocab.pad
+        got = objective.log_probs(feats, s.tokens, mask, per_image=3)
+
+        # by hand: the plain step, one caption at a time
+        rows = feats.repeat_interleave(3, 0)
+        h, c = dec.init_state(rows)
+        proj = dec.attention.project(rows)
+        token = torch.full((rows.size(0),), vocab.start)
+        want = torch.zeros_like(got)
+        plain = torch.zeros_like(got)
+        for t in range(s.tokens.size(1)):
+            h, c, _ = dec.step(token, rows, proj, h, c)
+            logits = dec.logits(h).float()
+            logits[:, [vocab.pad, vocab.start, vocab.unk]] = float("-inf")
+            plain[:, t] = torch.log_softmax(logits, 1).gather(1, s.tokens[:, t:t + 1].clamp(min=1)).squeeze(1)
+            logits = logits / temperature
+            if top_k:
+                kth = logits.topk(top_k, 1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            want[:, t] = torch.log_softmax(logits, 1).gather(1, s.tokens[:, t:t + 1].clamp(min=1)).squeeze(1)
+            token = s.tokens[:, t].clamp(min=1)
+    want, plain = want.masked_fill(~mask, 0.0), plain.masked_fill(~mask, 0.0)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    if (temperature, top_k) != (1.0, 0):
+        assert (got - plain).abs().max() > 1e-2

@@ -58,9 +58,14 @@ class SCSTObjective(nn.Module):
     variant of self-critical sequence training"); ``greedy``, the reward of the model's greedy
     caption (Rennie et al.).
 
-    <unk> is never sampled (as no decode emits it). Captions are sampled without gradient, then scored with gradient by one teacher-forced pass
-    of the decoder over the sampled words (the fast training path), with dropout off in both so
-    that the probabilities differentiated are exactly those that drew the samples. Words after
+    Samples are drawn from softmax(logits / ``temperature``), among the ``top_k`` likeliest words
+    when ``top_k`` > 0: below 1 the samples stay near the captions beam search gives, so the
+    policy gradient sharpens those rather than the tail a short-trained model samples at T = 1.
+
+    <unk> is never sampled (as no decode emits it). Captions are sampled without gradient, then
+    scored with gradient by one teacher-forced pass of the decoder over the sampled words (the fast
+    training path), with dropout off in both and the same temperature and top k, so that the
+    probabilities differentiated are exactly those that drew the samples. Words after
     <end> carry no gradient; captions that never end are cut at ``max_length``.
     """
 
@@ -68,10 +73,11 @@ class SCSTObjective(nn.Module):
     sum_names = ("loss", "reward", "baseline", "ended", "samples", "tokens")
 
     def __init__(self, model: nn.Module, train_set, *, samples: int = 5, baseline: str = "mean",
-                 max_length: int = 16):
+                 max_length: int = 16, temperature: float = 1.0, top_k: int = 0):
         super().__init__()
         self.model = model
         self.samples, self.baseline, self.max_length = samples, baseline, max_length
+        self.temperature, self.top_k = temperature, top_k
         vocab = train_set.vocab
         self.start, self.end, self.pad, self.unk = vocab.start, vocab.end, vocab.pad, vocab.unk
         refs = train_set.references()  # every raw reference of every training image
@@ -112,7 +118,8 @@ class SCSTObjective(nn.Module):
         dec.dropout.eval()
         try:
             s = sample(dec, feats.detach().float(), start=self.start, end=self.end, pad=self.pad,
-                       max_length=self.max_length, banned=(self.unk,), per_image=k)
+                       max_length=self.max_length, banned=(self.unk,), per_image=k,
+                       temperature=self.temperature, top_k=self.top_k)
             reward = self.rewards([i for i in images for _ in range(k)], s.tokens)
             if self.baseline == "greedy":
                 greedy = beam_search(dec, feats.detach().float(), start=self.start, end=self.end, pad=self.pad,
@@ -124,16 +131,10 @@ class SCSTObjective(nn.Module):
             else:  # the mean of the other samples of the same image
                 per_image = reward.view(b, k)
                 base = ((per_image.sum(1, keepdim=True) - per_image) / (k - 1)).view(-1)
-            captions = torch.cat([torch.full((b * k, 1), self.start, device=s.tokens.device), s.tokens], 1)
             mask = s.tokens != self.pad  # the words and the <end>, nothing after it
-            logits, _ = self.model.decode_captions(feats, captions.view(b, k, -1), 1.0,
-                                                   lengths=(mask.sum(1) + 1).view(b, k))
+            logp = self.log_probs(feats, s.tokens, mask, per_image=k)
         finally:
             dec.dropout.train(dropout_was)
-        logits = logits.float().masked_fill(self.banned, float("-inf"))  # as the sampler drew them
-        # <pad> after <end> has log p = -inf (never drawn): read <end>'s there, then mask it out
-        logp = torch.log_softmax(logits, dim=-1).gather(2, s.tokens.masked_fill(~mask, self.end).unsqueeze(2))
-        logp = logp.squeeze(2).masked_fill(~mask, 0.0)
         advantage = (reward - base).to(logp.device, logp.dtype)
         tokens = mask.sum()
         loss = -(advantage.unsqueeze(1) * logp * mask).sum() / tokens.clamp(min=1)
@@ -142,6 +143,26 @@ class SCSTObjective(nn.Module):
                             s.ended.sum().double(), torch.tensor(float(n), dtype=torch.float64, device=loss.device),
                             tokens.double()])
         return {"loss": loss, "sums": sums, "samples": n}
+
+    def log_probs(self, feats: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, per_image: int) -> torch.Tensor:
+        """log p of each sampled word (B*k, T) under the policy that drew it (banned words out,
+        then the temperature and the top k), by one teacher-forced pass with gradient; 0 where
+        ``mask`` is False (after <end>)."""
+        b = feats.size(0)
+        captions = torch.cat([torch.full((tokens.size(0), 1), self.start, device=tokens.device), tokens], 1)
+        logits, _ = self.model.decode_captions(feats, captions.view(b, per_image, -1), 1.0,
+                                               lengths=(mask.sum(1) + 1).view(b, per_image))
+        logits = logits.float().masked_fill(self.banned, float("-inf")) / self.temperature
+        # <pad> after <end> was never drawn: read <end>'s probability there, then mask it out
+        drawn = tokens.masked_fill(~mask, self.end).unsqueeze(2)
+        if self.top_k and self.top_k < logits.size(-1):
+            kth = logits.topk(self.top_k, dim=-1).values[..., -1:]
+            # the drawn word stays in even where this pass's k-th logit differs from the sampler's
+            # in the last bit (a -inf log-probability would make the loss infinite)
+            out = (logits < kth).scatter_(2, drawn, False)
+            logits = logits.masked_fill(out, float("-inf"))
+        logp = torch.log_softmax(logits, dim=-1).gather(2, drawn).squeeze(2)
+        return logp.masked_fill(~mask, 0.0)
 
     @staticmethod
     def summary(sums: list[float]) -> dict:
@@ -157,7 +178,7 @@ def build_objective(t, name: str, model: nn.Module, train_set=None, max_length: 
         return XEObjective(model, t.alpha_c)
     if name == "scst":
         return SCSTObjective(model, train_set, samples=t.scst_samples, baseline=t.scst_baseline,
-                             max_length=max_length)
+                             max_length=max_length, temperature=t.scst_temperature, top_k=t.scst_top_k)
     raise ValueError(f"unknown objective {name!r}")  # config validation lists them
 
 

@@ -303,7 +303,7 @@ class Trainer:
         if self.stop_reason != "epochs":  # the budget ended in the cache pass
             return self._finish()
         cfg = self.cfg
-        self.val_n, self.val_unit = parse_val_every(cfg.train.val_every)
+        self._set_val_every()
         self.budget.val_seconds = self._probe_validation() if self.budget.limited else 0.0
         if self.ckpt is None:  # a resumed run continues the seconds its schedule had planned
             self._plan_seconds()
@@ -320,6 +320,14 @@ class Trainer:
                     self._switch_to_scst()
                 self.train_epoch()
         return self._finish()
+
+    def _set_val_every(self) -> None:
+        """How often the current stage validates: ``train.val_every``, or in the self-critical stage
+        (or with ``objective=scst``) ``train.scst_val_every`` when set (a short stage whose gains come within
+        a few hundred steps: best.pt should not wait for the end of an epoch to see them)."""
+        t = self.cfg.train
+        every = t.scst_val_every if self.stage == "scst" and t.scst_val_every is not None else t.val_every
+        self.val_n, self.val_unit = parse_val_every(every)
 
     def _scst_due(self) -> bool:
         """Whether the cross-entropy stage ends now (``train.scst_after``); rank 0 decides for all."""
@@ -351,6 +359,7 @@ class Trainer:
         if kept == "best":
             self.model.load_state_dict(checkpoint.load(best, map_location="cpu")["model"])
         self.stage = "scst"
+        self._set_val_every()
         self.objective = self._build_objective()
         self._setup_optimizer()
         self._plan_seconds()
