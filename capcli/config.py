@@ -262,7 +262,7 @@ def _fraction(key: str, value: Any) -> None:
         raise UserError(f"{key} must be a number in [0, 1], got {value!r}")
 
 
-def parse_val_every(value: Any) -> tuple[int, str]:
+def parse_val_every(value: Any, key: str = "train.val_every") -> tuple[int, str]:
     """``train.val_every`` -> (N, "epochs" | "steps"): 2 -> (2, "epochs"), "500 steps" -> (500, "steps")."""
     if isinstance(value, int) and not isinstance(value, bool):
         n, unit = value, "epochs"
@@ -272,9 +272,9 @@ def parse_val_every(value: Any) -> tuple[int, str]:
         if len(parts) == 2 and parts[0].isdigit() and parts[1] in units:
             n, unit = int(parts[0]), units[parts[1]]
         else:
-            raise UserError(f"train.val_every must be a number of epochs (2) or steps (\"500 steps\"), got {value!r}")
+            raise UserError(f"{key} must be a number of epochs (2) or steps (\"500 steps\"), got {value!r}")
     if n < 1:
-        raise UserError(f"train.val_every must be at least 1, got {value!r}")
+        raise UserError(f"{key} must be at least 1, got {value!r}")
     return n, unit
 
 
@@ -365,10 +365,7 @@ def validate(cfg: Config) -> None:
         raise UserError(f"train.val_beam must be at least 1, got {t.val_beam!r}")
     parse_val_every(t.val_every)
     if t.scst_val_every is not None:
-        try:
-            parse_val_every(t.scst_val_every)
-        except UserError as exc:
-            raise UserError(str(exc).replace("train.val_every", "train.scst_val_every")) from None
+        parse_val_every(t.scst_val_every, "train.scst_val_every")
     if t.finetune_after and not m.finetune:
         raise UserError("train.finetune_after fine-tunes the encoder after N frozen epochs; it needs "
                         "model.finetune=true (or set train.finetune_after=0)")

@@ -318,6 +318,22 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     return torch.searchsorted(cdf, u, right=True).squeeze(1)
 
 
+def policy_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+                  keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The logits :func:`sample` draws from (last dim: words): over ``temperature``, and with
+    ``top_k`` > 0 -inf outside the k likeliest words, except the word ids in ``keep`` (shaped as
+    ``logits`` less its last dim, plus 1), which stay in. Self-critical training scores its samples
+    with the same function, so the probabilities it differentiates are those that drew them."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k and top_k < logits.size(-1):
+        out = logits < logits.topk(top_k, dim=-1).values[..., -1:]
+        if keep is not None:
+            out = out.scatter_(-1, keep, False)
+        logits = logits.masked_fill(out, float("-inf"))
+    return logits
+
+
 @torch.no_grad()
 def sample(decoder, feats: torch.Tensor, *, start: int, end: int, pad: int = 0, max_length: int = 50,
            temperature: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None,
@@ -356,11 +372,7 @@ def sample(decoder, feats: torch.Tensor, *, start: int, end: int, pad: int = 0, 
         logits = decoder.logits(h).float().index_fill_(1, ban, float("-inf"))
         if no_end is not None:
             logits[:, end].masked_fill_(no_end[token], float("-inf"))
-        if temperature != 1.0:
-            logits = logits / temperature
-        if top_k and top_k < logits.size(1):
-            kth = logits.topk(top_k, dim=1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits = policy_logits(logits, temperature, top_k)
         token = draw(torch.softmax(logits, dim=1), generator).masked_fill_(done, pad)  # after <end>: padding
         out[rows, t] = token
         steps = t + 1

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from capcli.decode import beam_search, sample
+from capcli.decode import beam_search, policy_logits, sample
 from capcli.metrics import CiderD
 from capcli.models.loss import XE_SUMS, xe_loss, xe_summary
 from capcli.runtime import all_ranks_true, autocast
@@ -152,15 +152,12 @@ class SCSTObjective(nn.Module):
         captions = torch.cat([torch.full((tokens.size(0), 1), self.start, device=tokens.device), tokens], 1)
         logits, _ = self.model.decode_captions(feats, captions.view(b, per_image, -1), 1.0,
                                                lengths=(mask.sum(1) + 1).view(b, per_image))
-        logits = logits.float().masked_fill(self.banned, float("-inf")) / self.temperature
         # <pad> after <end> was never drawn: read <end>'s probability there, then mask it out
         drawn = tokens.masked_fill(~mask, self.end).unsqueeze(2)
-        if self.top_k and self.top_k < logits.size(-1):
-            kth = logits.topk(self.top_k, dim=-1).values[..., -1:]
-            # the drawn word stays in even where this pass's k-th logit differs from the sampler's
-            # in the last bit (a -inf log-probability would make the loss infinite)
-            out = (logits < kth).scatter_(2, drawn, False)
-            logits = logits.masked_fill(out, float("-inf"))
+        # the drawn word stays in the top k even where this pass's k-th logit differs from the
+        # sampler's in the last bit (a -inf log-probability would make the loss infinite)
+        logits = policy_logits(logits.float().masked_fill(self.banned, float("-inf")), self.temperature,
+                               self.top_k, keep=drawn)
         logp = torch.log_softmax(logits, dim=-1).gather(2, drawn).squeeze(2)
         return logp.masked_fill(~mask, 0.0)
 
