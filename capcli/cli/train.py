@@ -26,8 +26,9 @@ def train(
     Examples:
       capcli train tiny data.dir=data/synthetic
       capcli train convnext_small model.encoder=convnext_tiny train.lr=4e-4 train.teacher_forcing=false
-      capcli train lite0_cpu data.dir=data/flickr8k model.pretrained=lite0.safetensors train.scst_after=auto
+      capcli train lite0_cpu data.dir=data/flickr8k model.pretrained=lite0.safetensors
                                                      (20 minutes: cross-entropy, then self-critical)
+      capcli train lite0_cpu data.dir=data/flickr8k train.scst_after=0      (cross-entropy alone)
       capcli train --resume runs/tiny
       torchrun --nproc_per_node 4 -m capcli train convnext_small     (one process per GPU)
     """
